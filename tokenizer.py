@@ -808,6 +808,19 @@ def save_image(x: torch.Tensor, path: str | os.PathLike) -> None:
     Image.fromarray(arr).save(path)
 
 
+def image_grid(images: torch.Tensor, nrow: int, min_size: int = 128) -> torch.Tensor:
+    """(N, 3, S, S) in [0, 1] -> one (3, H, W) picture, `nrow` images per row, a 1-px white frame
+    around each; small images are upscaled (nearest) so a 32 px grid is still easy to look at."""
+    n, _, s, _ = images.shape
+    rows = math.ceil(n / nrow)
+    framed = F.pad(images.float().clamp(0, 1), (1, 1, 1, 1), value=1.0)       # (N, 3, S+2, S+2)
+    framed = torch.cat([framed, framed.new_ones(rows * nrow - n, *framed.shape[1:])])
+    grid = framed.view(rows, nrow, 3, s + 2, s + 2).permute(2, 0, 3, 1, 4).reshape(3, rows * (s + 2), nrow * (s + 2))
+    if s < min_size:
+        grid = F.interpolate(grid[None], scale_factor=min_size // s, mode="nearest")[0]
+    return grid
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of images in [0, 1]."""
     mse = F.mse_loss(a.float(), b.float()).item()
