@@ -121,7 +121,7 @@ def tokenize(args: argparse.Namespace) -> None:
 
 
 def _tokenize(tokenizer_path: str | os.PathLike, data: str, out: Path, d: Dist, dtype: str = "fp32",
-              batch_size: int = 64, eval_size: int = 1000) -> dict:
+              batch_size: int = 64, eval_size: int = 256) -> dict:
     from tqdm import tqdm
     if (out / "meta.json").is_file():
         meta = json.loads((out / "meta.json").read_text())
@@ -304,7 +304,7 @@ def sample_grid(net: generator.MaskedTokenModel, tok: tokenizer.TiTok, preset: s
 # ----------------------------------------------------------------------------------------------
 
 RUN_DEFAULTS = dict(preset="tiny", tokens=str(DEFAULT_TOKENS), tokenizer=None, data=str(HERE / "data"),
-                    dtype="fp32", eval_size=1000, dropout=None)
+                    dtype="fp32", eval_size=256, dropout=None)
 
 
 def resolve(args: argparse.Namespace, ckpt: dict | None) -> tuple[argparse.Namespace, GenRecipe]:
@@ -506,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), help="autocast dtype (default fp32)")
-    p.add_argument("--eval-size", type=int, help="held-out images when tokenising (default 1000, as train_tok's split)")
+    p.add_argument("--eval-size", type=int, help="held-out images when tokenising (default 256, the split of train_tok.py)")
     p.add_argument("--dropout", type=float, help="override the preset's hidden and attention dropout (0.1)")
     p.add_argument("--benchmark", action="store_true", help="print training speed for tiny and titok_l32 and exit")
     g = p.add_argument_group("recipe values (defaults above)")
@@ -522,7 +522,7 @@ def build_tokenize_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint (ours, official .bin/.safetensors, HF folder)")
     p.add_argument("--data", default=str(HERE / "data"), help="image folder or idx(.gz) files (default data/)")
     p.add_argument("--out", required=True, help="output folder (tokens.npy, labels.npy, held-out copies, meta.json)")
-    p.add_argument("--eval-size", type=int, default=1000, help="images held out (the split of train_tok.py)")
+    p.add_argument("--eval-size", type=int, default=256, help="images held out (default 256, the split of train_tok.py)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
