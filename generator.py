@@ -488,7 +488,7 @@ def guidance_scale_at(step: int, num_steps: int, guidance_scale: float, schedule
     if schedule == "linear":
         return step / num_steps * guidance_scale
     if schedule == "power-cosine":
-        p = torch.tensor([guidance_pow], dtype=torch.float32)
+        p = torch.tensor(guidance_pow, dtype=torch.float32)  # 0-dim: usable with logits on any device
         return (guidance_scale - 1) * ((1 - torch.cos((step / num_steps) ** p * torch.pi)) / 2) + 1
     raise ValueError(f"unknown guidance schedule {schedule!r} (constant, linear or power-cosine)")
 

@@ -1504,6 +1504,8 @@ def _train(args: argparse.Namespace, d: Dist) -> None:
 
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".ckpt_*.tmp"):  # left by a process killed while saving
+            stale.unlink()
         (out / "run.json").write_text(json.dumps({"preset": run.preset, "recipe": dataclasses.asdict(R),
                                                   "run": vars(run), "world": d.world, "notes": models.notes,
                                                   "data": source.description}, indent=1))
