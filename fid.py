@@ -843,12 +843,14 @@ def _net_identity(net_path: Path, dtype: str) -> list:
 
 @torch.inference_mode()
 def rfid(tok, images, net: FIDInceptionV3, resize: str = "tf1", batch_size: int = 50,
-         device="cpu", progress: bool = False) -> dict:
+         device="cpu", progress: bool = False, real_stats: tuple | None = None) -> dict:
     """rFID of `tok` (tokenizer.TiTok, or anything with encode / decode_tokens on [0, 1] floats) on
     uint8 images (N, 3, S, S) already at the tokenizer's size (a tensor, or ImageFolder(..., crop=S)).
     Streams batch by batch, so 50k images never sit in memory. Also returns the Inception Score of the
     reconstructions (one split, as TiTok's evaluator), mean PSNR / SSIM and, for VQ tokenizers,
-    codebook usage and entropy. Under torchrun each rank does its share."""
+    codebook usage and entropy. Under torchrun each rank does its share. `real_stats` = (mu, sigma)
+    of the real images when already known (the CLI caches them), so only reconstructions go through
+    the network."""
     start, stop = _my_share(len(images))
     p = next(net.parameters())
     real_f, fake_f, ids, psnrs, ssims = [], [], [], [], []
@@ -858,16 +860,18 @@ def rfid(tok, images, net: FIDInceptionV3, resize: str = "tf1", batch_size: int 
         real = torch.stack(chunk) if isinstance(chunk, list) else chunk  # (n, 3, S, S) uint8
         z = tok.encode(real.to(device).float() / 255)  # (n, K) ids, or latents for a VAE
         recon = quantize_uint8(tok.decode_tokens(z).float()).cpu()  # (n, 3, S, S) uint8
-        real_f.append(net(_as_batch(real, resize, p.dtype, p.device)).cpu())  # (n, 2048)
+        if real_stats is None:
+            real_f.append(net(_as_batch(real, resize, p.dtype, p.device)).cpu())  # (n, 2048)
         fake_f.append(net(_as_batch(recon, resize, p.dtype, p.device)).cpu())
         psnrs.append(psnr(real, recon))
         ssims.append(ssim(real, recon))
         ids.append(z.cpu())
-    real_f, fake_f = _gather_rows(torch.cat(real_f)), _gather_rows(torch.cat(fake_f))
+    fake_f = _gather_rows(torch.cat(fake_f))
+    real_stats = real_stats or feature_stats(_gather_rows(torch.cat(real_f)))
     ids = _gather_rows(torch.cat(ids))
     psnrs, ssims = _gather_rows(torch.cat(psnrs)), _gather_rows(torch.cat(ssims))
-    out = {"rfid": frechet_distance(*feature_stats(real_f), *feature_stats(fake_f)),
-           "n": len(real_f), "psnr": psnrs.mean().item(), "ssim": ssims.mean().item()}
+    out = {"rfid": frechet_distance(*real_stats, *feature_stats(fake_f)),
+           "n": len(fake_f), "psnr": psnrs.mean().item(), "ssim": ssims.mean().item()}
     if net.fc is not None:
         out["inception_score"] = inception_score(fake_f @ net.fc.weight.cpu().T, splits=1)[0]
     if not ids.is_floating_point():  # VQ tokenizers; VAE latents have no codebook
@@ -957,7 +961,8 @@ def cmd_fid(args) -> dict:
     a, b = (_stats_for(x, args, net_path, get_net) for x in inputs)
     if a["mu"].shape != b["mu"].shape:
         raise UserError(f"feature sizes differ: {a['mu'].shape[0]} vs {b['mu'].shape[0]}")
-    out = {"fid": frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"])}
+    out = {"fid": frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"]),
+           "n_samples": int(a.get("n", -1)), "n_ref": int(b.get("n", -1)), "resize": args.resize}
     print(f"FID: {out['fid']:.4f}")
     if "logits" in a:
         out["inception_score"], out["inception_score_std"] = inception_score(a["logits"], args.splits)
@@ -991,7 +996,12 @@ def cmd_rfid(args) -> dict:
         raise UserError(str(e)) from None
     tok = tok.to(args.device).eval()
     size = tok.config.image_size
-    folder = ImageFolder(args.images, crop=size)
+    kind, folder = open_input(args.images, crop=size)
+    if kind == "stats":
+        raise UserError(f"{args.images}: holds statistics; rFID needs the real images")
+    if isinstance(folder, NpzImages) and folder.shape[1:3] != (size, size):
+        raise UserError(f"{args.images}: images are {folder.shape[2]}x{folder.shape[1]}, the tokenizer "
+                        f"takes {size}x{size}; crop them to that size first")
     if len(folder) < 2:
         raise UserError(f"{args.images}: need at least 2 images, found {len(folder)}")
     net_path, get_net = _net_loader(args)
@@ -1001,8 +1011,13 @@ def cmd_rfid(args) -> dict:
     if path is not None and path.is_file():
         out = json.loads(path.read_text())
     else:
+        # The real images' statistics go through the cache that `fid.py SAMPLES REF` uses, so scoring
+        # samples against the same images afterwards (main.sh does) does not run them again.
+        args.crop = size if isinstance(folder, ImageFolder) else None
+        real = _stats_for(("images", folder), args, net_path, get_net)
         try:
-            out = rfid(tok, folder, get_net(), args.resize, args.batch_size, args.device, progress=True)
+            out = rfid(tok, folder, get_net(), args.resize, args.batch_size, args.device, progress=True,
+                       real_stats=(real["mu"], real["sigma"]))
         except tokenizer.UserError as e:
             raise UserError(str(e)) from None
         if path is not None and _world()[0] == 0:
@@ -1031,6 +1046,18 @@ def cmd_benchmark(args) -> dict:
     return out
 
 
+def record_json(path: Path, section: str, values: dict) -> None:
+    """Put `values` under `section` of a JSON file, keeping its other entries: main.sh collects every
+    stage's numbers in out/results.json this way (tokenizer.record_results does the same for the other
+    stages; fid.py keeps its own copy to stand alone). Atomic: temp file + rename."""
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results[section] = values
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
@@ -1050,7 +1077,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--cache-dir", default=str(default_cache_dir()),
                         help="feature cache (default: $TITOK_CACHE/fid or ~/.cache/titok/fid)")
     common.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
-    common.add_argument("--json", help="also write the results to this JSON file")
+    common.add_argument("--json", help="also write the results to this JSON file, under the command's "
+                        "name ('fid', 'rfid', ...); other entries of an existing file are kept")
 
     p = argparse.ArgumentParser(
         prog="fid.py", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -1076,7 +1104,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("rfid", parents=[common], help="rFID of a tokenizer on an image folder")
     r.add_argument("--tokenizer", required=True, help="tokenizer checkpoint (see tokenizer.py)")
     r.add_argument("--preset", help="tokenizer preset when the checkpoint has no config")
-    r.add_argument("--images", required=True, help="folder of real images (recursively)")
+    r.add_argument("--images", required=True, help="real images: a folder (recursively; resized and "
+                   "centre-cropped to the tokenizer's size) or an .npz with arr_0 at that size")
     r.set_defaults(run=cmd_rfid, crop=None)
     s = sub.add_parser("stats", parents=[common], help="reference statistics of an input")
     s.add_argument("input", help="image folder or .npz with arr_0")
@@ -1104,9 +1133,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
         init_distributed(device)
+        began = time.perf_counter()
         out = args.run(args)
+        out["wall_s"] = round(time.perf_counter() - began, 1)  # cached features make reruns fast
         if args.json and _world()[0] == 0:
-            Path(args.json).write_text(json.dumps(out, indent=2))
+            record_json(Path(args.json), args.command, out)
     except UserError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1

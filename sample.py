@@ -183,9 +183,9 @@ def write_shard(path: Path, images: np.ndarray, labels: list[int]) -> None:
     os.replace(tmp, path)
 
 
-def merge_shards(shards: list[Path], out: Path) -> int:
-    """Stream the shards into out (arr_0: uint8 (N, H, W, 3), labels: int64 (N,)) without holding
-    all images in memory (50k ImageNet samples are 9.8 GB)."""
+def merge_shards(shards: list[Path], out: Path, meta: dict) -> int:
+    """Stream the shards into out (arr_0: uint8 (N, H, W, 3), labels: int64 (N,), meta: the run's
+    settings as a JSON string) without holding all images in memory (50k ImageNet samples are 9.8 GB)."""
     counts, labels = [], []
     for p in shards:
         with np.load(p) as s:
@@ -203,6 +203,8 @@ def merge_shards(shards: list[Path], out: Path) -> int:
                     f.write(np.ascontiguousarray(s["images"]).tobytes())
         with zf.open("labels.npy", "w") as f:
             np.lib.format.write_array(f, np.concatenate(labels))
+        with zf.open("meta.npy", "w") as f:
+            np.lib.format.write_array(f, np.array(json.dumps(meta, sort_keys=True)))
     os.replace(tmp, out)
     return sum(counts)
 
@@ -221,7 +223,23 @@ def open_shard_dir(shard_dir: Path, meta: dict, create: bool) -> None:
         meta_file.write_text(json.dumps(meta, indent=1))
 
 
-def run_npz(args, model, tok, settings, device, rank: int, world: int) -> None:
+def finished_npz(out: Path, meta: dict) -> bool:
+    """True when `out` already holds this run's samples (rerunning the main job must not resample);
+    an .npz from other settings is never overwritten silently."""
+    if not out.is_file():
+        return False
+    try:
+        with np.load(out) as z:
+            old = json.loads(str(z["meta"])) if "meta" in z.files else None
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise UserError(f"{out} exists but is not a readable .npz ({e}); delete it or choose another --npz")
+    if old != meta:
+        raise UserError(f"{out} already holds samples of other settings; delete it or choose another --npz")
+    return True
+
+
+def run_npz(args, model, tok, settings, device, rank: int, world: int) -> float | None:
+    """Sample into args.npz; returns the sampling seconds of this process, None when it was done."""
     out = Path(args.npz)
     check_output_path(out)
     labels = class_labels(args.classes, model.num_classes, args.num_samples)
@@ -234,6 +252,10 @@ def run_npz(args, model, tok, settings, device, rank: int, world: int) -> None:
                                       dtype=args.dtype, classes=args.classes, settings=settings,
                                       generator=str(Path(args.ckpt).resolve()),
                                       tokenizer=str(Path(args.tokenizer).resolve()))))
+    if finished_npz(out, meta):
+        if rank == 0:
+            print(f"{out} already holds these {args.num_samples} samples; nothing to do")
+        return None
     open_shard_dir(shard_dir, meta, create=rank == 0)
     done = {b for b in range(num_batches) if shard(b).exists()}  # before the barrier: nobody samples yet
     barrier(world)
@@ -252,17 +274,18 @@ def run_npz(args, model, tok, settings, device, rank: int, world: int) -> None:
     seconds = time.perf_counter() - start
     barrier(world)
     if rank != 0:
-        return
+        return seconds
     if todo:
         n = sum(len(labels[b * bs:(b + 1) * bs]) for b in todo)
         print(f"rank 0 sampled {n} images in {seconds:.1f} s ({n / seconds:.2f} images/s per process)")
     missing = [b for b in range(num_batches) if not shard(b).exists()]
     if missing:
         print(f"{num_batches - len(missing)}/{num_batches} batches done; rerun the same command to continue")
-        return
-    n = merge_shards([shard(b) for b in range(num_batches)], out)
+        return None
+    n = merge_shards([shard(b) for b in range(num_batches)], out, meta)
     shutil.rmtree(shard_dir)
     print(f"wrote {out}: {n} samples (arr_0 uint8 (N, H, W, 3), labels)")
+    return seconds
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
@@ -380,6 +403,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     what.add_argument("--npz", help="evaluation mode: output .npz (arr_0: uint8 (N, H, W, 3))")
     what.add_argument("--max-batches", type=int,
                       help="--npz: stop after this many batches per process; rerun to continue")
+    what.add_argument("--results", help="--npz: add the count, settings and wall time to this JSON file "
+                      "under 'sample' (main.sh: out/results.json)")
     s = p.add_argument_group("sampling (defaults: DEFAULT_SAMPLING of the generator's preset)")
     s.add_argument("--num-steps", type=int)
     s.add_argument("--guidance-scale", type=float)
@@ -424,7 +449,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.npz:
             rank, world = init_distributed(device)
             try:
-                run_npz(args, model, tok, settings, device, rank, world)
+                seconds = run_npz(args, model, tok, settings, device, rank, world)
+                if args.results and rank == 0 and seconds is not None:
+                    tokenizer.record_results(args.results, "sample", {
+                        "num_samples": args.num_samples, "npz": args.npz, "processes": world,
+                        "wall_s": round(seconds, 1), "settings": settings, "seed": args.seed})
             finally:
                 if world > 1:
                     dist.destroy_process_group()

@@ -827,6 +827,19 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
+def record_results(path: str | os.PathLike, section: str, values: dict) -> None:
+    """Put `values` under `section` of a JSON results file, keeping the other sections. The main job
+    (main.sh) has every stage add its numbers to one out/results.json this way. Atomic (temp file +
+    rename), so an interrupted stage never leaves half a file."""
+    path = Path(path)
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results[section] = values
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
 def _autocast(device: torch.device, dtype: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 

@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import generator
 import tokenizer
 from tokenizer import UserError
-from train_tok import (HERE, EMA, Dist, OneLineErrorParser, RunLogger, StepBatches, TrainSet, all_reduce_mean,
+from train_tok import (EVAL_SIZE, HERE, EMA, Dist, OneLineErrorParser, RunLogger, StepBatches, TrainSet, all_reduce_mean,
                        all_reduce_sum, autocast, barrier, check_finite, checkpoint_path, cleanup_distributed,
                        enable_tf32, gather_rng_states, latest_checkpoint, load_checkpoint, lr_at, make_adamw,
                        open_image_source, rotate_checkpoints, save_checkpoint, seed_everything, set_lr,
@@ -78,7 +78,7 @@ class GenRecipe:
 
 # The tiny generator learns Fashion-MNIST's 10 classes in a few CPU minutes with a short schedule
 # and a larger learning rate (a 2M-parameter model tolerates it). Applied before command-line flags.
-TINY_CPU = dict(batch_size=64, max_steps=1_500, warmup_steps=100, lr=1e-3, end_lr=5e-5,
+TINY_CPU = dict(batch_size=64, max_steps=1_000, warmup_steps=100, lr=1e-3, end_lr=5e-5,
                 log_every=25, eval_every=500, save_every=500)
 
 DEFAULT_OUT = Path("out/gen")
@@ -121,8 +121,9 @@ def tokenize(args: argparse.Namespace) -> None:
 
 
 def _tokenize(tokenizer_path: str | os.PathLike, data: str, out: Path, d: Dist, dtype: str = "fp32",
-              batch_size: int = 64, eval_size: int = 256) -> dict:
+              batch_size: int = 64, eval_size: int = EVAL_SIZE) -> dict:
     from tqdm import tqdm
+    began = time.perf_counter()
     if (out / "meta.json").is_file():
         meta = json.loads((out / "meta.json").read_text())
         if d.is_main:
@@ -166,7 +167,8 @@ def _tokenize(tokenizer_path: str | os.PathLike, data: str, out: Path, d: Dist, 
                 "num_classes": int(max(labels.max(initial=0), held_labels.max(initial=0))) + 1,
                 "train": int(len(ids)), "heldout": int(len(held_ids)), "eval_size": eval_size,
                 "tokenizer": str(Path(tokenizer_path).resolve()), "data": source.description,
-                "tokenizer_config": tokenizer.config_to_dict(tok.config)}
+                "tokenizer_config": tokenizer.config_to_dict(tok.config),
+                "wall_s": round(time.perf_counter() - began, 1)}  # of the run that finished the job
         tmp = out / "meta.json.tmp"
         tmp.write_text(json.dumps(meta, indent=1))
         os.replace(tmp, out / "meta.json")  # written last: its presence means "complete"
@@ -304,7 +306,7 @@ def sample_grid(net: generator.MaskedTokenModel, tok: tokenizer.TiTok, preset: s
 # ----------------------------------------------------------------------------------------------
 
 RUN_DEFAULTS = dict(preset="tiny", tokens=str(DEFAULT_TOKENS), tokenizer=None, data=str(HERE / "data"),
-                    dtype="fp32", eval_size=256, dropout=None)
+                    dtype="fp32", eval_size=EVAL_SIZE, dropout=None)
 
 
 def resolve(args: argparse.Namespace, ckpt: dict | None) -> tuple[argparse.Namespace, GenRecipe]:
@@ -382,12 +384,13 @@ def _train(args: argparse.Namespace, d: Dist) -> None:
     t = GenTrainer(R, d, net, model, make_adamw(list(net.named_parameters()), R.lr, (R.beta1, R.beta2),
                                                 R.weight_decay), EMA(net, R.ema_decay), run.dtype)
     trainset = TrainSet(data, np.arange(len(data)), R.seed)
-    start, position = 0, 0
+    start, position, elapsed_before = 0, 0, 0.0
     if ckpt is not None:
         net.load_state_dict(ckpt["model"])
         t.ema.load_state_dict(ckpt["ema"], ckpt["ema_step"])
         t.opt.load_state_dict(ckpt["optimizer"])
         start, position, t.last_checkpoint = int(ckpt["step"]), int(ckpt["data"]["position"]), resumed_from
+        elapsed_before = float(ckpt.get("elapsed_s", 0.0))  # training wall time of the earlier runs
         if len(ckpt["rng"]) == d.world:
             set_rng_state(ckpt["rng"][d.rank])
     else:
@@ -408,6 +411,7 @@ def _train(args: argparse.Namespace, d: Dist) -> None:
     logger = RunLogger(out / "log.jsonl", R.max_steps, start, d.is_main)
     batches = iter(StepBatches(position, R.batch_size, d.world, d.rank, 1))
     window_start, window_steps, last = time.perf_counter(), 0, {}
+    run_start = time.perf_counter()
     for step in range(start, R.max_steps):
         positions = next(batches)
         picked = [trainset.index_at(p) for p in positions]
@@ -438,20 +442,30 @@ def _train(args: argparse.Namespace, d: Dist) -> None:
             state = {"kind": "generator", "preset": run.preset, "config": generator.config_to_dict(cfg),
                      "model": net.state_dict(), "ema": t.ema.state_dict(), "ema_step": t.ema.step, "step": done,
                      "recipe_values": dataclasses.asdict(R), "run": vars(run), "optimizer": t.opt.state_dict(),
-                     "data": {"position": position}, "world": d.world, "rng": gather_rng_states()}
+                     "data": {"position": position}, "world": d.world, "rng": gather_rng_states(),
+                     "elapsed_s": elapsed_before + time.perf_counter() - run_start}
             if d.is_main:
                 t.last_checkpoint = save_checkpoint(checkpoint_path(out, done), state)
                 rotate_checkpoints(out, R.keep)
             del state
             barrier()
     logger.close()
-    if d.is_main:
+    if d.is_main and (start < R.max_steps or not (out / "generator.pt").is_file()):
         export = {"kind": "generator", "preset": run.preset, "config": generator.config_to_dict(cfg),
                   "model": net.state_dict(), "ema": t.ema.state_dict(), "step": R.max_steps,
                   "tokenizer": str(tok_path)}
         save_checkpoint(out / "generator.pt", export)
         acc = f", held-out masked accuracy {last['heldout_masked_accuracy']:.3f}" if "heldout_masked_accuracy" in last else ""
         print(f"done: step {R.max_steps}{acc}; wrote {out}/generator.pt and {out}/log.jsonl", flush=True)
+        if args.results and start < R.max_steps:  # a resumed, already finished run keeps its numbers
+            tokenizer.record_results(args.results, "train_gen", {
+                "preset": run.preset, "steps": R.max_steps, "global_batch": global_batch,
+                "wall_s": round(elapsed_before + time.perf_counter() - run_start, 1),
+                "tokenize_wall_s": data.meta.get("wall_s"), "train_sequences": len(data),
+                "heldout_masked_accuracy": last.get("heldout_masked_accuracy"), "out": str(out)})
+    elif d.is_main:
+        print(f"{out} already holds the finished run (step {R.max_steps}, {out}/generator.pt); nothing to do",
+              flush=True)
 
 # ----------------------------------------------------------------------------------------------
 # 6. Benchmark and command line.
@@ -504,9 +518,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="images to tokenise when --tokens is missing (default data/)")
     p.add_argument("--out", help=f"checkpoints, log.jsonl, sample grids, generator.pt (default {DEFAULT_OUT})")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--results", help="add this run's summary (steps, wall time, held-out accuracy) to this "
+                                     "JSON file under 'train_gen' (main.sh: out/results.json)")
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), help="autocast dtype (default fp32)")
-    p.add_argument("--eval-size", type=int, help="held-out images when tokenising (default 256, the split of train_tok.py)")
+    p.add_argument("--eval-size", type=int, help=f"held-out images when tokenising (default {EVAL_SIZE}, the split of train_tok.py)")
     p.add_argument("--dropout", type=float, help="override the preset's hidden and attention dropout (0.1)")
     p.add_argument("--benchmark", action="store_true", help="print training speed for tiny and titok_l32 and exit")
     g = p.add_argument_group("recipe values (defaults above)")
@@ -522,7 +538,8 @@ def build_tokenize_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint (ours, official .bin/.safetensors, HF folder)")
     p.add_argument("--data", default=str(HERE / "data"), help="image folder or idx(.gz) files (default data/)")
     p.add_argument("--out", required=True, help="output folder (tokens.npy, labels.npy, held-out copies, meta.json)")
-    p.add_argument("--eval-size", type=int, default=256, help="images held out (default 256, the split of train_tok.py)")
+    p.add_argument("--eval-size", type=int, default=EVAL_SIZE,
+                   help=f"images held out (default {EVAL_SIZE}, the split of train_tok.py)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")

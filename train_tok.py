@@ -134,6 +134,9 @@ TINY_CPU = dict(batch_size=16, max_steps=1_200, warmup_steps=100, lr=1e-3, end_l
 # latents) and learns only the mean image. Restarting unused codes from encoder outputs breaks this
 # within a few hundred steps, so the tiny preset turns it on.
 TINY_RUN = dict(dead_code_restart=True, dead_code_every=50)
+# Images held out of training (the same split in train_gen.py). 1,000 because they are also the
+# reference set of the main job's rFID and gFID (main.sh), and FID from fewer images is badly biased.
+EVAL_SIZE = 1_000
 
 # ----------------------------------------------------------------------------------------------
 # 2. Training plumbing, shared with train_gen.py.
@@ -963,6 +966,20 @@ def make_loader(trainset: TrainSet, start: int, per_rank: int, d: Dist, accum: i
         num_workers=workers, pin_memory=d.device.type == "cuda", persistent_workers=workers > 0)
 
 
+def save_heldout(path: Path, images: torch.Tensor) -> None:
+    """The held-out images as an ADM-style .npz (arr_0: uint8 (N, H, W, 3)): the reference set that
+    fid.py scores reconstructions and samples against. Atomic, like the checkpoints."""
+    arr = (images * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    if path.is_file():
+        with np.load(path) as z:
+            if np.array_equal(z["arr_0"], arr):
+                return  # unchanged: keep the file (and fid.py's feature cache keyed on it) as it is
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, arr_0=arr)
+    os.replace(tmp, path)
+
+
 def heldout_images(source, indices: np.ndarray) -> torch.Tensor:
     """(N, 3, S, S) float in [0, 1], centre-cropped, no augmentation; unreadable files skipped."""
     images = []
@@ -1354,7 +1371,7 @@ def evaluate(t: Trainer, images: torch.Tensor, out_dir: Path, step: int) -> dict
 
 # Settings that are not part of the recipe; a resumed run reuses the stored ones unless given again.
 RUN_DEFAULTS = dict(preset="tiny", recipe="single", data=str(HERE / "data"), init=None, vqgan=None,
-                    lpips=None, lpips_heads=None, convnext=None, dtype="fp32", eval_size=256,
+                    lpips=None, lpips_heads=None, convnext=None, dtype="fp32", eval_size=EVAL_SIZE,
                     dead_code_restart=False, dead_code_every=500, workers=None)
 
 
@@ -1386,8 +1403,10 @@ def resolve_settings(args: argparse.Namespace, stored: dict | None) -> tuple[arg
     return run, recipe
 
 
-def training_state(t: Trainer, run: argparse.Namespace, models: Models, step: int, position: int) -> dict:
-    """Everything needed to continue exactly; collective (all ranks call it, for the RNG states)."""
+def training_state(t: Trainer, run: argparse.Namespace, models: Models, step: int, position: int,
+                   elapsed_s: float) -> dict:
+    """Everything needed to continue exactly; collective (all ranks call it, for the RNG states).
+    `elapsed_s` is the training wall time so far, summed over resumed runs."""
     tok = t.tok
     return {
         "kind": "tokenizer", "preset": run.preset, "recipe": t.recipe.name,
@@ -1402,6 +1421,7 @@ def training_state(t: Trainer, run: argparse.Namespace, models: Models, step: in
         "teacher": models.teacher_state, "teacher_path": models.teacher_path,
         "usage": [u.cpu() for u in (t.usage_log, t.usage_restart)] if t.usage_log is not None else None,
         "data": {"position": position}, "world": t.dist.world, "rng": gather_rng_states(),
+        "elapsed_s": elapsed_s,
     }
 
 
@@ -1485,10 +1505,10 @@ def _train(args: argparse.Namespace, d: Dist) -> None:
     trainset = TrainSet(source, train_idx, R.seed)
     heldout = heldout_images(source, held_idx) if d.is_main and len(held_idx) else None
 
-    start, position = 0, 0
+    start, position, elapsed_before = 0, 0, 0.0
     if ckpt is not None:
         position = restore_training_state(t, models, ckpt)
-        start = int(ckpt["step"])
+        start, elapsed_before = int(ckpt["step"]), float(ckpt.get("elapsed_s", 0.0))
         t.last_checkpoint = resumed_from
         if len(ckpt["rng"]) == d.world:
             set_rng_state(ckpt["rng"][d.rank])
@@ -1506,6 +1526,8 @@ def _train(args: argparse.Namespace, d: Dist) -> None:
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(".ckpt_*.tmp"):  # left by a process killed while saving
             stale.unlink()
+        if heldout is not None:
+            save_heldout(out / "heldout.npz", heldout)
         (out / "run.json").write_text(json.dumps({"preset": run.preset, "recipe": dataclasses.asdict(R),
                                                   "run": vars(run), "world": d.world, "notes": models.notes,
                                                   "data": source.description}, indent=1))
@@ -1520,7 +1542,7 @@ def _train(args: argparse.Namespace, d: Dist) -> None:
             print(f"resumed from {resumed_from}", flush=True)
     logger = RunLogger(out / "log.jsonl", R.max_steps, start, d.is_main)
     window_start, window_steps = time.perf_counter(), 0
-    last = {}
+    last, run_start = {}, time.perf_counter()
     for step in range(start, R.max_steps):
         micro = [next(batches)[0].to(d.device, non_blocking=True).float().div_(255) for _ in range(R.grad_accum)]
         stats = train_step(t, micro, step)
@@ -1541,18 +1563,28 @@ def _train(args: argparse.Namespace, d: Dist) -> None:
             barrier()  # the others wait while rank 0 evaluates
             window_start, window_steps = time.perf_counter(), 0
         if done % R.save_every == 0 or done == R.max_steps:
-            state = training_state(t, run, models, done, position)
+            state = training_state(t, run, models, done, position,
+                                   elapsed_before + time.perf_counter() - run_start)
             if d.is_main:
                 t.last_checkpoint = save_checkpoint(checkpoint_path(out, done), state)
                 rotate_checkpoints(out, R.keep)
             del state
             barrier()
     logger.close()
-    if d.is_main:
+    if d.is_main and (start < R.max_steps or not (out / "tokenizer.pt").is_file()):
         save_checkpoint(out / "tokenizer.pt", tokenizer_export(t, run, models, R.max_steps))
         psnr = f", held-out PSNR (EMA) {last['psnr']:.2f} dB" if "psnr" in last else ""
         print(f"done: step {R.max_steps}{psnr}; wrote {out}/tokenizer.pt, {t.last_checkpoint}, "
               f"{out}/log.jsonl", flush=True)
+        if args.results and start < R.max_steps:  # a resumed, already finished run keeps its numbers
+            tokenizer.record_results(args.results, "train_tok", {
+                "preset": run.preset, "recipe": R.name, "steps": R.max_steps, "global_batch": global_batch,
+                "images_seen": position, "wall_s": round(elapsed_before + time.perf_counter() - run_start, 1),
+                "heldout_images": len(held_idx), "heldout_psnr": last.get("psnr"),
+                "codebook_used": last.get("codebook_used"), "out": str(out)})
+    elif d.is_main:
+        print(f"{out} already holds the finished run (step {R.max_steps}, {out}/tokenizer.pt); nothing to do",
+              flush=True)
 
 
 def tokenizer_export(t: Trainer, run: argparse.Namespace, models: Models, step: int) -> dict:
@@ -1657,6 +1689,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "images (default: data/ beside this script, Fashion-MNIST test split)")
     p.add_argument("--out", help="folder for checkpoints, log.jsonl, grid PNGs, tokenizer.pt (default out/tok)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--results", help="add this run's summary (steps, wall time, held-out PSNR, codebook "
+                                     "usage) to this JSON file under 'train_tok' (main.sh: out/results.json)")
     p.add_argument("--init", help="start from these weights (stage2: the stage-1 checkpoint)")
     p.add_argument("--vqgan", help="MaskGIT-VQGAN weights (maskgit-vqgan-imagenet-f16-256.bin): the stage-1 "
                                    "teacher / stage-2 pixel decoder (default: random, for demos)")
@@ -1669,7 +1703,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default fp32; fp16 adds a GradScaler)")
     p.add_argument("--compile", action="store_true", help="torch.compile the tokenizer")
     p.add_argument("--workers", type=int, help="data-loader workers per process (default 0 for idx, 4 for folders)")
-    p.add_argument("--eval-size", type=int, help="held-out images for PSNR (default 256; never trained on)")
+    p.add_argument("--eval-size", type=int, help=f"held-out images for PSNR, written to --out/heldout.npz as the FID reference (default {EVAL_SIZE}; never trained on)")
     p.add_argument("--dead-code-restart", action=argparse.BooleanOptionalAction, default=None,
                    help="re-initialise codes unused for --dead-code-every steps from encoder outputs "
                         "(default: on for tiny, off otherwise)")

@@ -441,15 +441,29 @@ def test_rfid_cli_with_tiny_tokenizer(tmp_path, capsys, monkeypatch, random_weig
     write_pngs(tmp_path / "imgs", smooth_images(3, 48))  # resized + centre-cropped to 32
     argv = ["rfid", "--tokenizer", tmp_path / "tok.pt", "--images", tmp_path / "imgs",
             "--inception", random_weights, "--cache-dir", tmp_path / "cache", "--json", tmp_path / "r.json"]
+    (tmp_path / "r.json").write_text('{"train_tok": {"wall_s": 1}}')  # --json keeps other entries
     code, out, err = run_cli(capsys, *argv)
     assert code == 0, err
-    res = json.loads((tmp_path / "r.json").read_text())
+    results = json.loads((tmp_path / "r.json").read_text())
+    res = results["rfid"]
+    assert results["train_tok"] == {"wall_s": 1}
     assert f"rFID: {res['rfid']:.4f} (3 images at 32x32)" in out and res["n"] == 3
     assert 0 < res["codebook_usage"] <= 3 * 32 / 1024 and 0 <= res["codebook_entropy_bits"] <= 10
     real = torch.stack(fid.ImageFolder(tmp_path / "imgs", crop=32)[0:3])
     recon = fid.quantize_uint8(tok.decode_tokens(tok.encode(real.float() / 255)))
     assert abs(res["psnr"] - fid.psnr(real, recon).mean().item()) < 1e-6
+    # the CLI takes the real images' statistics from fid.py's stats cache: the same rFID as one pass
+    want = fid.rfid(tok, real, fid.load_inception(random_weights))["rfid"]
+    assert abs(res["rfid"] - want) < 1e-6 * want and len(list((tmp_path / "cache").glob("stats-*.npz"))) == 1
     monkeypatch.setattr(fid, "load_inception", lambda *a, **k: pytest.fail("network loaded"))
     assert run_cli(capsys, *argv)[1] == out  # cached
+    monkeypatch.undo()
+    # the same images as an ADM-style .npz at the tokenizer's size give the same numbers
+    np.savez(tmp_path / "real.npz", arr_0=real.permute(0, 2, 3, 1).numpy())
+    code, out_npz, err = run_cli(capsys, *argv[:4], tmp_path / "real.npz", *argv[5:])
+    assert code == 0 and out_npz == out, err
+    np.savez(tmp_path / "big.npz", arr_0=np.zeros((3, 48, 48, 3), np.uint8))
+    code, _, err = run_cli(capsys, *argv[:4], tmp_path / "big.npz", *argv[5:])
+    assert code == 1 and "48x48" in err and err.count("\n") == 1
     code, _, err = run_cli(capsys, *argv[:2], tmp_path / "nope.pt", *argv[3:])
     assert code == 1 and err.count("\n") == 1 and "not found" in err

@@ -1,6 +1,7 @@
 """sample.py end to end on CPU with a tiny random generator and tiny random tokenizer: the grid,
 the resumable sharded .npz, torchrun over two processes, and one-line errors for bad input."""
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -132,6 +133,17 @@ def test_npz_resume_equals_uninterrupted(ckpts, uninterrupted, tmp_path):
     with np.load(out) as f:
         assert np.array_equal(f["arr_0"], uninterrupted[0])
         assert np.array_equal(f["labels"], uninterrupted[1])
+    # A finished .npz is kept on a rerun (the main job reruns every stage) and recorded once.
+    stamp = out.stat().st_mtime_ns
+    r = run_cli(*args, "--results", tmp_path / "r.json")
+    assert r.returncode == 0 and "nothing to do" in r.stdout and out.stat().st_mtime_ns == stamp, r.stderr
+    assert not (tmp_path / "r.json").exists()
+    r = run_cli(*args[:-1], tmp_path / "d.npz", "--results", tmp_path / "r.json")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((tmp_path / "r.json").read_text())["sample"]
+    assert rec["num_samples"] == 10 and rec["wall_s"] > 0 and rec["seed"] == 3
+    r = run_cli(*npz_args(ckpts, out, seed=5))  # the finished file holds another seed's samples
+    assert r.returncode == 1 and "other settings" in r.stderr and out.stat().st_mtime_ns == stamp
     # Shards of a run with other settings are not silently mixed in.
     r = run_cli(*npz_args(ckpts, tmp_path / "c.npz"), "--max-batches", 1)
     assert r.returncode == 0, r.stderr

@@ -304,3 +304,12 @@ def test_cli_bad_input_is_one_line_error(problem, tiny_ckpt, tmp_path):
     assert r.returncode != 0
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert r.stderr.startswith("error: ")
+
+
+def test_record_results_merges_sections_atomically(tmp_path):
+    path = tmp_path / "out" / "results.json"
+    T.record_results(path, "train_tok", {"wall_s": 1.5})
+    T.record_results(path, "sample", {"num_samples": 10})
+    T.record_results(path, "train_tok", {"wall_s": 2.0})  # a section is replaced, the others kept
+    assert json.loads(path.read_text()) == {"train_tok": {"wall_s": 2.0}, "sample": {"num_samples": 10}}
+    assert [p.name for p in path.parent.iterdir()] == ["results.json"]  # no temp file left behind

@@ -93,8 +93,16 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     shutil.copy(tmp_path / "a" / "ckpt_00000003.pt", tmp_path / "b")
     lines = (tmp_path / "a" / "log.jsonl").read_text().splitlines()
     (tmp_path / "b" / "log.jsonl").write_text("\n".join(lines[:3] + ['{"step": 4, "loss": 99.0}']) + "\n")
-    r = run(*common, "--out", tmp_path / "b", "--resume")
+    r = run(*common, "--out", tmp_path / "b", "--resume", "--results", tmp_path / "r.json")
     assert r.returncode == 0, r.stderr
+    rec = json.loads((tmp_path / "r.json").read_text())["train_gen"]
+    assert rec["steps"] == 6 and rec["global_batch"] == 8 and rec["wall_s"] > 0
+    # a finished run resumed again does nothing and keeps its export and recorded numbers
+    stamp = (tmp_path / "b" / "generator.pt").stat().st_mtime_ns
+    r = run(*common, "--out", tmp_path / "b", "--resume", "--results", tmp_path / "r.json")
+    assert r.returncode == 0 and "nothing to do" in r.stdout, r.stderr
+    assert (tmp_path / "b" / "generator.pt").stat().st_mtime_ns == stamp
+    assert json.loads((tmp_path / "r.json").read_text())["train_gen"] == rec
     a, b = _weights(tmp_path / "a" / "ckpt_00000006.pt"), _weights(tmp_path / "b" / "ckpt_00000006.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
     def records(path):  # the log without the wall-clock speeds

@@ -366,8 +366,15 @@ def test_kill_and_resume_continues_exactly(tmp_path):
     reference = torch.load(out / "ckpt_00000006.pt", weights_only=True)
     (out / "ckpt_00000006.pt").unlink()
     (out / "tokenizer.pt").unlink()
-    r = run_cli(*common, "--resume")
+    r = run_cli(*common, "--resume", "--results", str(tmp_path / "r.json"))
     assert r.returncode == 0, r.stderr
+    rec = json.loads((tmp_path / "r.json").read_text())["train_tok"]
+    assert rec["steps"] == 6 and rec["heldout_images"] == 8 and rec["heldout_psnr"] == full_log[-1]["psnr"]
+    # the held-out images (never trained on) are the FID reference set: an ADM-style .npz
+    src = TT.open_image_source(ROOT / "data", 32)
+    with np.load(out / "heldout.npz") as z:
+        want = TT.heldout_images(src, TT.split_heldout(len(src), 8)[1])
+        assert np.array_equal(z["arr_0"], (want * 255).round().byte().permute(0, 2, 3, 1).numpy())
     resumed_log = read_log(out / "log.jsonl")
     strip = lambda rec: {k: v for k, v in rec.items() if k != "images_per_s"}  # noqa: E731
     assert [strip(a) for a in resumed_log] == [strip(b) for b in full_log]
