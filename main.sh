@@ -58,7 +58,7 @@ rf, gf = r.get("rfid", {}), r.get("fid", {})
 def num(x, fmt):
     return "n/a" if x is None else format(x, fmt)
 rows = [
-    ("rFID (1k held-out reconstructions vs the originals)", num(rf.get("rfid"), ".2f")),
+    (f"rFID ({rf.get('n', '?')} held-out images vs their reconstructions)", num(rf.get("rfid"), ".2f")),
     (f"gFID ({gf.get('n_samples', '?')} samples vs {gf.get('n_ref', '?')} held-out images)", num(gf.get("fid"), ".2f")),
     ("held-out PSNR (dB)", num(rf.get("psnr", tok.get("heldout_psnr")), ".2f")),
     ("codebook usage on held-out images", num(rf.get("codebook_usage"), ".1%")),

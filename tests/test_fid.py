@@ -457,6 +457,7 @@ def test_rfid_cli_with_tiny_tokenizer(tmp_path, capsys, monkeypatch, random_weig
     assert abs(res["rfid"] - want) < 1e-6 * want and len(list((tmp_path / "cache").glob("stats-*.npz"))) == 1
     monkeypatch.setattr(fid, "load_inception", lambda *a, **k: pytest.fail("network loaded"))
     assert run_cli(capsys, *argv)[1] == out  # cached
+    assert json.loads((tmp_path / "r.json").read_text())["rfid"] == res  # ... and keeps the first run's time
     monkeypatch.undo()
     # the same images as an ADM-style .npz at the tokenizer's size give the same numbers
     np.savez(tmp_path / "real.npz", arr_0=real.permute(0, 2, 3, 1).numpy())
