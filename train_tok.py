@@ -1703,7 +1703,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default fp32; fp16 adds a GradScaler)")
     p.add_argument("--compile", action="store_true", help="torch.compile the tokenizer")
     p.add_argument("--workers", type=int, help="data-loader workers per process (default 0 for idx, 4 for folders)")
-    p.add_argument("--eval-size", type=int, help=f"held-out images for PSNR, written to --out/heldout.npz as the FID reference (default {EVAL_SIZE}; never trained on)")
+    p.add_argument("--eval-size", type=int, help=f"held-out images (never trained on) for PSNR, written to "
+                                                 f"--out/heldout.npz as the FID reference (default {EVAL_SIZE})")
     p.add_argument("--dead-code-restart", action=argparse.BooleanOptionalAction, default=None,
                    help="re-initialise codes unused for --dead-code-every steps from encoder outputs "
                         "(default: on for tiny, off otherwise)")
