@@ -55,19 +55,19 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 tok, gen, smp = r.get("train_tok", {}), r.get("train_gen", {}), r.get("sample", {})
 rf, gf = r.get("rfid", {}), r.get("fid", {})
-def num(x, fmt):
-    return "n/a" if x is None else format(x, fmt)
+def num(x, fmt, unit=""):
+    return "n/a" if x is None else format(x, fmt) + unit
 rows = [
     (f"rFID ({rf.get('n', '?')} held-out images vs their reconstructions)", num(rf.get("rfid"), ".2f")),
     (f"gFID ({gf.get('n_samples', '?')} samples vs {gf.get('n_ref', '?')} held-out images)", num(gf.get("fid"), ".2f")),
     ("held-out PSNR (dB)", num(rf.get("psnr", tok.get("heldout_psnr")), ".2f")),
-    ("codebook usage on held-out images", num(rf.get("codebook_usage"), ".1%")),
+    ("codebook usage on held-out images", num(rf.get("codebook_usage", tok.get("codebook_used")), ".1%")),
     ("held-out masked-token accuracy (generator)", num(gen.get("heldout_masked_accuracy"), ".3f")),
-    (f"wall time: train_tok.py ({tok.get('steps', '?')} steps)", num(tok.get("wall_s"), ".0f") + " s"),
-    ("wall time: train_gen.py tokenize", num(gen.get("tokenize_wall_s"), ".0f") + " s"),
-    (f"wall time: train_gen.py ({gen.get('steps', '?')} steps)", num(gen.get("wall_s"), ".0f") + " s"),
-    (f"wall time: sample.py ({smp.get('num_samples', '?')} samples)", num(smp.get("wall_s"), ".0f") + " s"),
-    ("wall time: fid.py rfid + fid", num((rf.get("wall_s") or 0) + (gf.get("wall_s") or 0) or None, ".0f") + " s"),
+    (f"wall time: train_tok.py ({tok.get('steps', '?')} steps)", num(tok.get("wall_s"), ".0f", " s")),
+    ("wall time: train_gen.py tokenize", num(gen.get("tokenize_wall_s"), ".0f", " s")),
+    (f"wall time: train_gen.py ({gen.get('steps', '?')} steps)", num(gen.get("wall_s"), ".0f", " s")),
+    (f"wall time: sample.py ({smp.get('num_samples', '?')} samples)", num(smp.get("wall_s"), ".0f", " s")),
+    ("wall time: fid.py rfid + fid", num((rf.get("wall_s") or 0) + (gf.get("wall_s") or 0) or None, ".0f", " s")),
 ]
 table = "| result | value |\n|---|---|\n" + "".join(f"| {a} | {b} |\n" for a, b in rows)
 if "skipped" in gf:
