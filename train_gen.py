@@ -40,11 +40,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import generator
 import tokenizer
 from tokenizer import UserError
-from train_tok import (EVAL_SIZE, HERE, EMA, Dist, OneLineErrorParser, RunLogger, StepBatches, TrainSet, all_reduce_mean,
-                       all_reduce_sum, autocast, barrier, check_finite, checkpoint_path, cleanup_distributed,
-                       enable_tf32, gather_rng_states, latest_checkpoint, load_checkpoint, lr_at, make_adamw,
-                       open_image_source, rotate_checkpoints, save_checkpoint, seed_everything, set_lr,
-                       set_rng_state, setup_distributed, split_heldout, truncate_log)
+from train_tok import (EVAL_SIZE, HERE, EMA, Dist, OneLineErrorParser, RunLogger, StepBatches, TrainSet,
+                       all_reduce_mean, all_reduce_sum, autocast, barrier, check_finite, checkpoint_path,
+                       cleanup_distributed, enable_tf32, gather_rng_states, lr_at, make_adamw,
+                       open_image_source, resume_from, rotate_checkpoints, save_checkpoint, seed_everything,
+                       set_lr, set_rng_state, setup_distributed, split_heldout, truncate_log)
 
 # ----------------------------------------------------------------------------------------------
 # 1. Recipe: the official generator configs (configs/training/generator/maskgit.yaml): AdamW with
@@ -330,21 +330,6 @@ def resolve(args: argparse.Namespace, ckpt: dict | None) -> tuple[argparse.Names
     return run, R
 
 
-def find_resume(out: Path, resume: bool) -> tuple[Path | None, dict | None]:
-    latest = latest_checkpoint(out)
-    if not resume:
-        if latest is not None:
-            raise UserError(f"{out} already holds checkpoints (newest {latest.name}); pass --resume to "
-                            "continue that run or --out to start a new one")
-        return None, None
-    if latest is None:
-        return None, None
-    ckpt = load_checkpoint(latest)
-    if ckpt["kind"] != "generator" or "recipe_values" not in ckpt:
-        raise UserError(f"{latest} is not a train_gen.py training checkpoint")
-    return latest, ckpt
-
-
 def train(args: argparse.Namespace) -> None:
     d = setup_distributed(args.device)
     try:
@@ -355,7 +340,7 @@ def train(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace, d: Dist) -> None:
     out = Path(args.out or DEFAULT_OUT)
-    resumed_from, ckpt = find_resume(out, args.resume)
+    resumed_from, ckpt = resume_from(out, args.resume, "generator")
     run, R = resolve(args, ckpt)
     cfg = generator.PRESETS[run.preset]
     if run.dropout is not None:  # e.g. 0 for runs that must not depend on the number of processes

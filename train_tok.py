@@ -303,6 +303,24 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return ckpt
 
 
+def resume_from(out: Path, resume: bool, kind: str) -> tuple[Path | None, dict | None]:
+    """The newest training checkpoint in --out when resuming (`kind`: "tokenizer" for train_tok.py,
+    "generator" for train_gen.py). Without --resume, --out must hold none, so a second run can never
+    silently overwrite (or rotate away) an earlier one."""
+    latest = latest_checkpoint(out)
+    if not resume:
+        if latest is not None:
+            raise UserError(f"{out} already holds checkpoints (newest {latest.name}); pass --resume to "
+                            "continue that run or --out to start a new one")
+        return None, None
+    if latest is None:
+        return None, None
+    ckpt = load_checkpoint(latest)
+    if ckpt.get("kind") != kind or "recipe_values" not in ckpt:
+        raise UserError(f"{latest} is not a {kind} training checkpoint (of train_tok.py / train_gen.py)")
+    return latest, ckpt
+
+
 def lr_at(step: int, base_lr: float, end_lr: float, warmup_steps: int, total_steps: int) -> float:
     """Learning rate of optimiser step `step` (0-based): linear warm-up from 0, then half a cosine
     from base_lr down to end_lr at total_steps (the official scheduler; step 0 trains with lr 0)."""
@@ -1445,23 +1463,6 @@ def restore_training_state(t: Trainer, models: Models, ckpt: dict) -> int:
     return int(ckpt["data"]["position"])
 
 
-def resume_from(out: Path, args: argparse.Namespace) -> tuple[Path | None, dict | None]:
-    """The newest checkpoint in --out when resuming. Without --resume, --out must hold none, so a
-    second run can never silently overwrite (or rotate away) an earlier one."""
-    latest = latest_checkpoint(out)
-    if not args.resume:
-        if latest is not None:
-            raise UserError(f"{out} already holds checkpoints (newest {latest.name}); pass --resume to "
-                            "continue that run or --out to start a new one")
-        return None, None
-    if latest is None:
-        return None, None
-    ckpt = load_checkpoint(latest)
-    if ckpt["kind"] != "tokenizer" or "recipe_values" not in ckpt:
-        raise UserError(f"{latest} is not a train_tok.py training checkpoint")
-    return latest, ckpt
-
-
 def log_record(t: Trainer, stats: dict[str, torch.Tensor], step: int, extra: dict) -> dict:
     """Mean over ranks of the step's statistics, as plain floats, plus codebook usage."""
     names = sorted(stats)
@@ -1484,7 +1485,7 @@ def train(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace, d: Dist) -> None:
     out = Path(args.out or "out/tok")
-    resumed_from, ckpt = resume_from(out, args)
+    resumed_from, ckpt = resume_from(out, args.resume, "tokenizer")
     run, R = resolve_settings(args, ckpt and {"preset": ckpt["preset"], "recipe": ckpt["recipe"],
                                               "run": ckpt.get("run", {}), "recipe_values": ckpt["recipe_values"]})
     cfg = recipe_config(run.preset, run.recipe)
