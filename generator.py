@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer import UserError, read_checkpoint, read_safetensors
+from tokenizer import UserError, read_checkpoint
 
 
 # ----------------------------------------------------------------------------------------------

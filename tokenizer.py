@@ -931,8 +931,8 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
     peak = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
     print(f"{args.preset}, batch {args.batch_size}, {torch.get_num_threads()} threads; measured matmul "
           f"peak: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s")
-    print(f"| part | dtype | s/batch | img/s | GFLOP/s | official fp32 s/batch | speed-up |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| part | dtype | s/batch | img/s | GFLOP/s | official fp32 s/batch | speed-up |")
+    print("|---|---|---|---|---|---|---|")
     official = OFFICIAL_SECONDS.get(args.preset, {}) if args.batch_size == 8 else {}
     for dtype in ("fp32", "bf16"):
         for name, fn in parts.items():

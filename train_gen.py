@@ -34,17 +34,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import generator
 import tokenizer
 from tokenizer import UserError
 from train_tok import (EVAL_SIZE, HERE, EMA, Dist, OneLineErrorParser, RunLogger, StepBatches, TrainSet,
-                       all_reduce_mean, all_reduce_sum, autocast, barrier, check_finite, checkpoint_path,
-                       cleanup_distributed, enable_tf32, gather_rng_states, lr_at, make_adamw,
-                       open_image_source, resume_from, rotate_checkpoints, save_checkpoint, seed_everything,
-                       set_lr, set_rng_state, setup_distributed, split_heldout, truncate_log)
+                       all_reduce_mean, all_reduce_sum, autocast, barrier, check_finite, distributed,
+                       enable_tf32, gather_rng_states, lr_at, make_adamw, open_image_source, resume_from,
+                       run_is_finished, save_checkpoint, save_step_checkpoint, seed_everything, set_lr,
+                       set_rng_state, setup_distributed, split_heldout, truncate_log)
 
 # ----------------------------------------------------------------------------------------------
 # 1. Recipe: the official generator configs (configs/training/generator/maskgit.yaml): AdamW with
@@ -112,15 +111,7 @@ def _encode_chunk(tok: tokenizer.TiTok, source, indices: np.ndarray, flip: bool,
     return np.concatenate(ids).astype(_id_dtype(tok.config.codebook_size)), np.asarray(labels, np.int16)
 
 
-def tokenize(args: argparse.Namespace) -> None:
-    d = setup_distributed(args.device)
-    try:
-        _tokenize(args.tokenizer, args.data, Path(args.out), d, args.dtype, args.batch_size, args.eval_size)
-    finally:
-        cleanup_distributed()
-
-
-def _tokenize(tokenizer_path: str | os.PathLike, data: str, out: Path, d: Dist, dtype: str = "fp32",
+def tokenize(tokenizer_path: str | os.PathLike, data: str, out: Path, d: Dist, dtype: str = "fp32",
               batch_size: int = 64, eval_size: int = EVAL_SIZE) -> dict:
     from tqdm import tqdm
     began = time.perf_counter()
@@ -330,18 +321,12 @@ def resolve(args: argparse.Namespace, ckpt: dict | None) -> tuple[argparse.Names
     return run, R
 
 
-def train(args: argparse.Namespace) -> None:
-    d = setup_distributed(args.device)
-    try:
-        _train(args, d)
-    finally:
-        cleanup_distributed()
-
-
-def _train(args: argparse.Namespace, d: Dist) -> None:
+def train(args: argparse.Namespace, d: Dist) -> None:
     out = Path(args.out or DEFAULT_OUT)
     resumed_from, ckpt = resume_from(out, args.resume, "generator")
     run, R = resolve(args, ckpt)
+    if run_is_finished(ckpt, R.max_steps, out / "generator.pt", d):
+        return
     cfg = generator.PRESETS[run.preset]
     if run.dropout is not None:  # e.g. 0 for runs that must not depend on the number of processes
         cfg = dataclasses.replace(cfg, dropout=run.dropout, attn_dropout=run.dropout)
@@ -352,7 +337,7 @@ def _train(args: argparse.Namespace, d: Dist) -> None:
         if not tok_path.exists():
             raise UserError(f"--tokens {tokens_dir} holds no tokens and there is no tokenizer at {tok_path} "
                             "to make them (run python train_tok.py first, or pass --tokenizer)")
-        _tokenize(tok_path, run.data, tokens_dir, d, run.dtype, eval_size=run.eval_size)
+        tokenize(tok_path, run.data, tokens_dir, d, run.dtype, eval_size=run.eval_size)
     data = TokenSet(tokens_dir)
     data.check(cfg, tokens_dir)
     tok_path = Path(run.tokenizer or data.meta["tokenizer"])
@@ -429,28 +414,22 @@ def _train(args: argparse.Namespace, d: Dist) -> None:
                      "recipe_values": dataclasses.asdict(R), "run": vars(run), "optimizer": t.opt.state_dict(),
                      "data": {"position": position}, "world": d.world, "rng": gather_rng_states(),
                      "elapsed_s": elapsed_before + time.perf_counter() - run_start}
-            if d.is_main:
-                t.last_checkpoint = save_checkpoint(checkpoint_path(out, done), state)
-                rotate_checkpoints(out, R.keep)
+            t.last_checkpoint = save_step_checkpoint(out, done, state, R.keep, d)
             del state
-            barrier()
     logger.close()
-    if d.is_main and (start < R.max_steps or not (out / "generator.pt").is_file()):
+    if d.is_main:
         export = {"kind": "generator", "preset": run.preset, "config": generator.config_to_dict(cfg),
                   "model": net.state_dict(), "ema": t.ema.state_dict(), "step": R.max_steps,
                   "tokenizer": str(tok_path)}
         save_checkpoint(out / "generator.pt", export)
         acc = f", held-out masked accuracy {last['heldout_masked_accuracy']:.3f}" if "heldout_masked_accuracy" in last else ""
         print(f"done: step {R.max_steps}{acc}; wrote {out}/generator.pt and {out}/log.jsonl", flush=True)
-        if args.results and start < R.max_steps:  # a resumed, already finished run keeps its numbers
+        if args.results and start < R.max_steps:  # steps were trained (not only a missing export rewritten)
             tokenizer.record_results(args.results, "train_gen", {
                 "preset": run.preset, "steps": R.max_steps, "global_batch": global_batch,
                 "wall_s": round(elapsed_before + time.perf_counter() - run_start, 1),
                 "tokenize_wall_s": data.meta.get("wall_s"), "train_sequences": len(data),
                 "heldout_masked_accuracy": last.get("heldout_masked_accuracy"), "out": str(out)})
-    elif d.is_main:
-        print(f"{out} already holds the finished run (step {R.max_steps}, {out}/generator.pt); nothing to do",
-              flush=True)
 
 # ----------------------------------------------------------------------------------------------
 # 6. Benchmark and command line.
@@ -535,10 +514,16 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["tokenize"]:
-            tokenize(build_tokenize_parser().parse_args(argv[1:]))
+            args = build_tokenize_parser().parse_args(argv[1:])
+            with distributed(args.device) as d:
+                tokenize(args.tokenizer, args.data, Path(args.out), d, args.dtype, args.batch_size, args.eval_size)
         else:
             args = build_parser().parse_args(argv)
-            benchmark(args) if args.benchmark else train(args)
+            if args.benchmark:
+                benchmark(args)
+            else:
+                with distributed(args.device) as d:
+                    train(args, d)
     except UserError as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

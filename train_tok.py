@@ -173,9 +173,16 @@ def setup_distributed(device: str | None = None) -> Dist:
     return Dist(rank, world, local, want)
 
 
-def cleanup_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+@contextlib.contextmanager
+def distributed(device: str | None = None):
+    """setup_distributed for the length of a `with` block. The process group is destroyed when the
+    block ends, also on an error, so that the other ranks of a torchrun job are not left waiting."""
+    d = setup_distributed(device)
+    try:
+        yield d
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _distributed() -> bool:
@@ -295,12 +302,35 @@ def rotate_checkpoints(out_dir: str | os.PathLike, keep: int) -> None:
         p.unlink(missing_ok=True)
 
 
+def save_step_checkpoint(out: Path, step: int, state: dict, keep: int, d: Dist) -> Path:
+    """Rank 0 writes the training checkpoint of `step` and drops all but the newest `keep`; the other
+    ranks wait, so nobody runs ahead of a checkpoint that may still be written."""
+    path = checkpoint_path(out, step)
+    if d.is_main:
+        save_checkpoint(path, state)
+        rotate_checkpoints(out, keep)
+    barrier()
+    return path
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """One of our checkpoints (torch.load with weights_only=True: tensors and plain containers)."""
     ckpt = tokenizer.read_checkpoint(path)
     if not isinstance(ckpt, dict) or "kind" not in ckpt:
         raise UserError(f"{path}: not a checkpoint written by train_tok.py / train_gen.py")
     return ckpt
+
+
+def run_is_finished(ckpt: dict | None, max_steps: int, export: Path, d: Dist) -> bool:
+    """True (and says so) when the resumed checkpoint is already at the last step and the exported
+    model exists: rerunning a finished job (main.sh does) then builds nothing and rewrites nothing,
+    so the export and everything keyed on it (fid.py's cache) stay as they are."""
+    if ckpt is None or int(ckpt["step"]) < max_steps or not export.is_file():
+        return False
+    if d.is_main:
+        print(f"{export.parent} already holds the finished run (step {ckpt['step']}, {export}); nothing to do",
+              flush=True)
+    return True
 
 
 def resume_from(out: Path, resume: bool, kind: str) -> tuple[Path | None, dict | None]:
@@ -1475,19 +1505,13 @@ def log_record(t: Trainer, stats: dict[str, torch.Tensor], step: int, extra: dic
     return record
 
 
-def train(args: argparse.Namespace) -> None:
-    d = setup_distributed(args.device)
-    try:
-        _train(args, d)
-    finally:
-        cleanup_distributed()
-
-
-def _train(args: argparse.Namespace, d: Dist) -> None:
+def train(args: argparse.Namespace, d: Dist) -> None:
     out = Path(args.out or "out/tok")
     resumed_from, ckpt = resume_from(out, args.resume, "tokenizer")
     run, R = resolve_settings(args, ckpt and {"preset": ckpt["preset"], "recipe": ckpt["recipe"],
                                               "run": ckpt.get("run", {}), "recipe_values": ckpt["recipe_values"]})
+    if run_is_finished(ckpt, R.max_steps, out / "tokenizer.pt", d):
+        return
     cfg = recipe_config(run.preset, run.recipe)
     if ckpt is not None and ckpt["config"] != tokenizer.config_to_dict(cfg):
         raise UserError(f"{resumed_from}: its architecture differs from preset {run.preset} "
@@ -1566,26 +1590,20 @@ def _train(args: argparse.Namespace, d: Dist) -> None:
         if done % R.save_every == 0 or done == R.max_steps:
             state = training_state(t, run, models, done, position,
                                    elapsed_before + time.perf_counter() - run_start)
-            if d.is_main:
-                t.last_checkpoint = save_checkpoint(checkpoint_path(out, done), state)
-                rotate_checkpoints(out, R.keep)
+            t.last_checkpoint = save_step_checkpoint(out, done, state, R.keep, d)
             del state
-            barrier()
     logger.close()
-    if d.is_main and (start < R.max_steps or not (out / "tokenizer.pt").is_file()):
+    if d.is_main:
         save_checkpoint(out / "tokenizer.pt", tokenizer_export(t, run, models, R.max_steps))
         psnr = f", held-out PSNR (EMA) {last['psnr']:.2f} dB" if "psnr" in last else ""
         print(f"done: step {R.max_steps}{psnr}; wrote {out}/tokenizer.pt, {t.last_checkpoint}, "
               f"{out}/log.jsonl", flush=True)
-        if args.results and start < R.max_steps:  # a resumed, already finished run keeps its numbers
+        if args.results and start < R.max_steps:  # steps were trained (not only a missing export rewritten)
             tokenizer.record_results(args.results, "train_tok", {
                 "preset": run.preset, "recipe": R.name, "steps": R.max_steps, "global_batch": global_batch,
                 "images_seen": position, "wall_s": round(elapsed_before + time.perf_counter() - run_start, 1),
                 "heldout_images": len(held_idx), "heldout_psnr": last.get("psnr"),
                 "codebook_used": last.get("codebook_used"), "out": str(out)})
-    elif d.is_main:
-        print(f"{out} already holds the finished run (step {R.max_steps}, {out}/tokenizer.pt); nothing to do",
-              flush=True)
 
 
 def tokenizer_export(t: Trainer, run: argparse.Namespace, models: Models, step: int) -> dict:
@@ -1727,7 +1745,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        benchmark(args) if args.benchmark else train(args)
+        if args.benchmark:
+            benchmark(args)
+        else:
+            with distributed(args.device) as d:
+                train(args, d)
     except UserError as e:
         message = " ".join(str(e).split())  # one line, whatever the message
         if int(os.environ.get("RANK", "0")) == 0:
