@@ -39,94 +39,174 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer import UserError, read_checkpoint
+from tokenizer import (UserError, checkpoint_weights, guess_preset, load_official_weights,  # noqa: F401
+                       read_checkpoint)
 
-
-# ----------------------------------------------------------------------------------------------
-# Configuration and the released presets
-# ----------------------------------------------------------------------------------------------
-
-@dataclass
-class GeneratorConfig:
-    arch: str = "imagebert"          # "imagebert" (post-LN BERT) or "uvit" (pre-LN U-ViT)
-    codebook_size: int = 4096        # K: the tokenizer's codebook size; K is also the [MASK] id
-    seq_len: int = 32                # N: image tokens per image (the tokenizer's num_latent_tokens)
-    num_classes: int = 1000          # C: class labels; C itself is the null class
-    hidden_size: int = 768
-    num_layers: int = 24             # for "uvit": in-blocks = out-blocks = num_layers // 2, plus a mid-block
-    num_heads: int = 16
-    mlp_dim: int = 3072
-    dropout: float = 0.1             # hidden dropout (ImageBert only; the reference U-ViT has none)
-    attn_dropout: float = 0.1        # attention-probability dropout (ImageBert only)
-    class_label_dropout: float = 0.1  # training: probability of replacing a label by the null class
-
-
-# Released generators (official configs/infer/TiTok/*.yaml) and a CPU-sized one for the tiny
-# tokenizer (32x32 images, 32 tokens, 1024 codes, 10 classes).
-PRESETS: dict[str, GeneratorConfig] = {
-    "titok_l32": GeneratorConfig("imagebert", 4096, 32, 1000, 768, 24, 16, 3072),
-    "titok_b64": GeneratorConfig("imagebert", 4096, 64, 1000, 768, 24, 16, 3072),
-    "titok_s128": GeneratorConfig("uvit", 4096, 128, 1000, 1024, 20, 16, 4096),
-    "tiny": GeneratorConfig("imagebert", 1024, 32, 10, 192, 4, 4, 768),
-}
-
-# The official ImageNet evaluation settings (the released configs plus the evaluation script's
-# softmax-temperature annealing). Keys are the keyword arguments of `generate`.
-DEFAULT_SAMPLING: dict[str, dict] = {
-    "titok_l32": dict(num_steps=8, guidance_scale=4.5, guidance_schedule="linear",
-                      randomize_temperature=9.5, softmax_annealing=True),
-    "titok_b64": dict(num_steps=8, guidance_scale=3.0, guidance_schedule="linear",
-                      randomize_temperature=11.0, softmax_annealing=True),
-    "titok_s128": dict(num_steps=64, guidance_scale=6.9, guidance_schedule="power-cosine",
-                       guidance_pow=3.0, randomize_temperature=2.8, softmax_annealing=True),
-    "tiny": dict(num_steps=8, guidance_scale=2.0, guidance_schedule="linear",
-                 randomize_temperature=4.5, softmax_annealing=True),
-}
-
-
-def config_to_dict(cfg: GeneratorConfig) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def config_from_dict(d: dict) -> GeneratorConfig:
-    """Inverse of config_to_dict, as stored in our checkpoints under "config"."""
-    names = {f.name for f in dataclasses.fields(GeneratorConfig)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise UserError(f"generator config has unknown fields {unknown}")
-    cfg = GeneratorConfig(**d)
-    if cfg.arch not in ("imagebert", "uvit"):
-        raise UserError(f"generator config: arch must be 'imagebert' or 'uvit', got {cfg.arch!r}")
-    return cfg
-
-
-def config_from_official(cfg: dict) -> GeneratorConfig:
-    """Translate the official config (the YAML / HF config.json dict, with model.vq_model and
-    model.generator sections) into a GeneratorConfig."""
-    try:
-        vq, g = cfg["model"]["vq_model"], cfg["model"]["generator"]
-        arch = {"ViT": "imagebert", "UViT": "uvit"}[g["model_type"]]
-        return GeneratorConfig(
-            arch=arch, codebook_size=int(vq["codebook_size"]), seq_len=int(g["image_seq_len"]),
-            num_classes=int(g["condition_num_classes"]),
-            # Early reference versions hard-coded the BERT size (768/24/16/3072) instead of reading it.
-            hidden_size=int(g.get("hidden_size", 768)), num_layers=int(g.get("num_hidden_layers", 24)),
-            num_heads=int(g.get("num_attention_heads", 16)), mlp_dim=int(g.get("intermediate_size", 3072)),
-            dropout=float(g.get("dropout", 0.1)), attn_dropout=float(g.get("attn_drop", 0.1)),
-            class_label_dropout=float(g.get("class_label_dropout", 0.1)))
-    except KeyError as e:
-        raise UserError(f"official generator config lacks {e} (expected model.vq_model and "
-                        "model.generator with model_type 'ViT' or 'UViT')") from None
-
-
-def find_preset(cfg: GeneratorConfig) -> str | None:
-    """The name of the preset whose architecture equals cfg (dropouts ignored), or None."""
-    shape = lambda c: dataclasses.replace(c, dropout=0, attn_dropout=0, class_label_dropout=0)
-    return next((name for name, p in PRESETS.items() if shape(p) == shape(cfg)), None)
 
 
 # ----------------------------------------------------------------------------------------------
-# A Linear layer that can hold bf16 weights while everything around it stays fp32
+# 1. Training (MaskGIT Sec. 3.1): mask schedule, random masking, label dropout, the loss
+# ----------------------------------------------------------------------------------------------
+
+def mask_ratio(progress, schedule: str = "arccos"):
+    """The mask scheduling function gamma(r) of MaskGIT Sec. 3.3: the fraction of tokens still
+    masked at progress r in [0, 1] (gamma(0) = 1, gamma(1) = 0). TiTok uses arccos, the inverse
+    function of MaskGIT's cosine: it fixes tokens faster in the first steps and more slowly in the
+    last ones. Works on tensors (training, float32) and on Python floats (sampling, float64, as the
+    reference computes it with numpy)."""
+    lib = torch if isinstance(progress, torch.Tensor) else math
+    if schedule == "arccos":
+        return lib.acos(progress) / (math.pi / 2)
+    if schedule == "cosine":
+        return lib.cos(progress * math.pi / 2)
+    if schedule == "linear":
+        return 1 - progress
+    raise ValueError(f"unknown mask schedule {schedule!r} (arccos, cosine or linear)")
+
+
+def _rand(shape, generator: torch.Generator | None, device) -> torch.Tensor:
+    """U[0,1) float32 noise from `generator` (or the global RNG of `device` when None), moved to
+    `device`. Every random draw goes through here so the stream order is easy to audit."""
+    source = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=source).to(device)
+
+
+def mask_tokens(ids: torch.Tensor, schedule: str = "arccos", *, mask_id: int,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training-time masking (MaskGIT Sec. 3.1): per sample, r ~ U(0,1), mask round(N * gamma(r))
+    random positions (at least one). Returns (input_ids with mask_id at masked positions, mask)."""
+    B, N = ids.shape
+    r = _rand((B,), generator, ids.device)                           # RNG draw 1: progress per sample
+    ratio = mask_ratio(r, schedule).clamp(1e-6, 1.0)
+    num_masked = (N * ratio).round().clamp(min=1)                    # (B,)
+    # RNG draw 2: a random permutation per row. Position j is masked when the permutation's value
+    # at j is below num_masked: exactly num_masked positions, uniformly chosen (as the reference).
+    perm = _rand((B, N), generator, ids.device).argsort(dim=-1)     # (B, N)
+    mask = perm < num_masked[:, None]
+    return torch.where(mask, mask_id, ids), mask
+
+
+def drop_labels(class_labels: torch.Tensor, drop_prob: float, null_label: int,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Classifier-free guidance training: each label becomes the null label with prob drop_prob.
+    One U(0,1) draw per label, like the reference forward()."""
+    drop = _rand(class_labels.shape, generator, class_labels.device) < drop_prob
+    return torch.where(drop, null_label, class_labels)
+
+
+def masked_token_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                      label_smoothing: float = 0.1, unmasked_weight: float = 0.1
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """MaskGIT's loss (Eq. 1) as TiTok trains it: label-smoothed cross-entropy on every position,
+    weight 1 on masked and `unmasked_weight` on unmasked ones (the model still learns to copy
+    visible tokens), normalised by the total weight.
+    logits (B, N, K), targets (B, N), mask (B, N) bool -> (loss, accuracy on masked tokens)."""
+    ce = F.cross_entropy(logits.transpose(1, 2), targets, label_smoothing=label_smoothing,
+                         reduction="none")                           # (B, N)
+    m = mask.to(ce.dtype)
+    w = (1.0 - m) * unmasked_weight + m
+    loss = (ce * w).sum() / (w.sum() + 1e-8)
+    correct = (logits.argmax(-1) == targets).to(ce.dtype) * m
+    accuracy = (correct.sum(1) / (m.sum(1) + 1e-8)).mean()
+    return loss, accuracy
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Sampling (MaskGIT Sec. 3.2): iterative decoding with classifier-free guidance
+# ----------------------------------------------------------------------------------------------
+
+def gumbel_noise(u: torch.Tensor) -> torch.Tensor:
+    """-log(-log(u)) turns U(0,1) into Gumbel(0,1); argmax(logits + g) samples softmax(logits)
+    (the Gumbel-max trick). Clamps keep both logs finite."""
+    return -torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
+
+
+def guidance_scale_at(step: int, num_steps: int, guidance_scale: float, schedule: str,
+                      guidance_pow: float = 3.0):
+    """CFG scale used at `step`. constant: g. linear (MUSE): s/S * g, so step 0 is unguided.
+    power-cosine (MDT): 1 + (g-1) * (1 - cos(pi * (s/S)^pow)) / 2, computed in float32 like the
+    reference so seeded runs match bit for bit."""
+    if schedule == "constant":
+        return guidance_scale
+    if schedule == "linear":
+        return step / num_steps * guidance_scale
+    if schedule == "power-cosine":
+        p = torch.tensor(guidance_pow, dtype=torch.float32)  # 0-dim: usable with logits on any device
+        return (guidance_scale - 1) * ((1 - torch.cos((step / num_steps) ** p * torch.pi)) / 2) + 1
+    raise ValueError(f"unknown guidance schedule {schedule!r} (constant, linear or power-cosine)")
+
+
+def guided_logits(model: nn.Module, ids: torch.Tensor, class_labels: torch.Tensor, scale,
+                  schedule: str, generator: torch.Generator | None) -> torch.Tensor:
+    """Logits for one step; with guidance, conditional and unconditional rows in ONE forward.
+
+    The reference runs two forwards, and each draws U(0,1) per label for label dropout (with drop
+    probability 0 and 1, so the draws change nothing). We make the same draws so that a seed
+    gives the reference's samples."""
+    _rand(class_labels.shape, generator, ids.device)                 # the conditional pass's draw
+    if float(scale) == 0:
+        return model(ids, class_labels).float()                      # (B, N, K)
+    _rand(class_labels.shape, generator, ids.device)                 # the unconditional pass's draw
+    null = torch.full_like(class_labels, model.null_label)
+    both = model(torch.cat([ids, ids]), torch.cat([class_labels, null])).float()  # (2B, N, K)
+    cond, uncond = both.chunk(2)
+    if schedule == "power-cosine":   # MDT's form: interpolate from the unconditional logits
+        return uncond + (cond - uncond) * scale
+    return cond + (cond - uncond) * scale                            # MUSE's form
+
+
+@torch.no_grad()
+def generate(model: nn.Module, class_labels: torch.Tensor, num_steps: int = 8,
+             guidance_scale: float = 3.0, guidance_schedule: str = "constant",
+             temperature: float = 1.0, randomize_temperature: float = 4.5,
+             softmax_annealing: bool = False, guidance_pow: float = 3.0,
+             mask_schedule: str = "arccos", generator: torch.Generator | None = None) -> torch.Tensor:
+    """Class-conditional MaskGIT sampling (MaskGIT Sec. 3.2) -> token ids (B, N) int64.
+
+    randomize_temperature scales the Gumbel noise (0 = greedy), annealed linearly to 0 over the
+    steps; softmax_annealing divides the logits by 0.5 + 0.8 * (1 - r); temperature is an extra
+    constant softmax temperature (1 = off); mask_schedule is gamma of MaskGIT Sec. 3.3 (TiTok and
+    the released configs use arccos). Every id is picked from fp32 logits (the lm_head stays fp32
+    under cast_matmuls, guided_logits casts up): argmax and top-k decide discrete outcomes, where
+    bf16 rounding would flip near-ties. Random numbers are drawn in the reference's order:
+    per step rand(B) [cond], rand(B) [uncond, if guided], U(B,N,K), U(B,N).
+    """
+    B, N, device = class_labels.shape[0], model.seq_len, class_labels.device
+    ids = torch.full((B, N), model.mask_id, dtype=torch.long, device=device)  # start fully masked
+    for step in range(num_steps):
+        r = (step + 1) / num_steps                                   # progress after this step
+        t = randomize_temperature * (1.0 - r)                        # annealed Gumbel temperature
+        is_mask = ids == model.mask_id                               # (B, N)
+
+        scale = guidance_scale_at(step, num_steps, guidance_scale, guidance_schedule, guidance_pow)
+        logits = guided_logits(model, ids, class_labels, scale, guidance_schedule, generator)
+        if softmax_annealing:
+            logits = logits / (temperature * (0.5 + 0.8 * (1 - r)))  # sharper as decoding proceeds
+        elif temperature != 1.0:
+            logits = logits / temperature
+
+        # 1. Predict: sample a candidate id for every position (Gumbel-max at temperature t).
+        candidates = (logits + t * gumbel_noise(_rand(logits.shape, generator, device))).argmax(-1)
+        confidence = logits.gather(-1, candidates[..., None]).squeeze(-1)  # (B, N) candidate's logit
+        candidates = torch.where(is_mask, candidates, ids)           # decided tokens never change
+        confidence = torch.where(is_mask, confidence, math.inf)      # ...and are never re-masked
+
+        # 2. Schedule: how many stay masked after this step, gamma(r) * N, at least 1 and fewer
+        #    than now. Like the reference, the count of batch row 0 bounds every row.
+        num_masked = max(1, min(int(is_mask[0].sum()) - 1, math.floor(N * mask_ratio(r, mask_schedule))))
+
+        # 3. Re-mask the least confident (with Gumbel noise, so "confidence" is itself sampled).
+        confidence = confidence + t * gumbel_noise(_rand((B, N), generator, device))
+        cutoff = confidence.kthvalue(num_masked, dim=-1, keepdim=True).values  # (B, 1)
+        if step == num_steps - 1:
+            ids = candidates                                         # last step: take everything
+        else:
+            ids = torch.where(confidence <= cutoff, model.mask_id, candidates)
+    return ids
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. A Linear layer that can hold bf16 weights while everything around it stays fp32
 # ----------------------------------------------------------------------------------------------
 
 class Linear(nn.Linear):
@@ -150,27 +230,9 @@ def cast_matmuls(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Mo
 
 
 # ----------------------------------------------------------------------------------------------
-# ImageBert: a BERT encoder (post-LN) over [class token, image tokens]
+# 4. ImageBert: a BERT encoder (post-LN) over [class token, image tokens]
 # Submodule names mirror the checkpoint keys (model.encoder.layer.i.attention.self.query ...).
 # ----------------------------------------------------------------------------------------------
-
-class BertEmbeddings(nn.Module):
-    """Word + learned absolute position + token-type (always type 0) embeddings, then LayerNorm."""
-
-    def __init__(self, vocab_size: int, max_len: int, dim: int, dropout: float):
-        super().__init__()
-        self.word_embeddings = nn.Embedding(vocab_size, dim)
-        self.position_embeddings = nn.Embedding(max_len, dim)
-        self.token_type_embeddings = nn.Embedding(2, dim)  # BERT's sentence A/B; only row 0 is used
-        self.LayerNorm = nn.LayerNorm(dim, eps=1e-12)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        L = ids.shape[1]
-        x = self.word_embeddings(ids) + self.token_type_embeddings.weight[0]  # (B, L, D)
-        x = x + self.position_embeddings.weight[:L]
-        return self.dropout(self.LayerNorm(x))
-
 
 class BertSelfAttention(nn.Module):
     """Multi-head attention with separate query/key/value projections (all with bias)."""
@@ -203,48 +265,27 @@ class PostNormResidual(nn.Module):
         return self.LayerNorm(residual + self.dropout(self.dense(h)))
 
 
-class BertAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, dropout: float, attn_dropout: float):
-        super().__init__()
-        self.self = BertSelfAttention(dim, num_heads, attn_dropout)  # "self" is the checkpoint's key name
-        self.output = PostNormResidual(dim, dim, dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.output(self.self(x), x)
-
-
-class BertIntermediate(nn.Module):
-    def __init__(self, dim: int, mlp_dim: int):
-        super().__init__()
-        self.dense = Linear(dim, mlp_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.dense(x))  # exact (erf) GELU, BERT's "gelu"
+def _namespace(**children: nn.Module) -> nn.Module:
+    """An empty module holding `children`: only there to reproduce a checkpoint key level."""
+    m = nn.Module()
+    for name, child in children.items():
+        m.add_module(name, child)
+    return m
 
 
 class BertLayer(nn.Module):
+    """Keys attention.self.{query,key,value}, attention.output, intermediate.dense, output."""
+
     def __init__(self, dim: int, num_heads: int, mlp_dim: int, dropout: float, attn_dropout: float):
         super().__init__()
-        self.attention = BertAttention(dim, num_heads, dropout, attn_dropout)
-        self.intermediate = BertIntermediate(dim, mlp_dim)
+        self.attention = _namespace(self=BertSelfAttention(dim, num_heads, attn_dropout),
+                                    output=PostNormResidual(dim, dim, dropout))
+        self.intermediate = _namespace(dense=Linear(dim, mlp_dim))
         self.output = PostNormResidual(mlp_dim, dim, dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.attention(x)                       # (B, L, D)
-        return self.output(self.intermediate(x), x)
-
-
-class BertEncoder(nn.Module):
-    def __init__(self, num_layers: int, dim: int, num_heads: int, mlp_dim: int, dropout: float,
-                 attn_dropout: float):
-        super().__init__()
-        self.layer = nn.ModuleList(BertLayer(dim, num_heads, mlp_dim, dropout, attn_dropout)
-                                   for _ in range(num_layers))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layer:
-            x = layer(x)
-        return x
+    def forward(self, x: torch.Tensor) -> torch.Tensor:             # (B, L, D) -> (B, L, D)
+        x = self.attention.output(self.attention.self(x), x)
+        return self.output(F.gelu(self.intermediate.dense(x)), x)    # exact (erf) GELU, BERT's "gelu"
 
 
 class MaskedTokenModel(nn.Module):
@@ -263,38 +304,39 @@ class MaskedTokenModel(nn.Module):
         return torch.cat([cls, input_ids], dim=1)
 
 
-class BertBody(nn.Module):
-    """The container the checkpoint calls `model`: embeddings, encoder and the untied lm_head."""
-
-    def __init__(self, vocab_size: int, seq_len: int, codebook_size: int, hidden_size: int,
-                 num_layers: int, num_heads: int, mlp_dim: int, dropout: float, attn_dropout: float):
-        super().__init__()
-        self.embeddings = BertEmbeddings(vocab_size, seq_len + 1, hidden_size, dropout)
-        self.encoder = BertEncoder(num_layers, hidden_size, num_heads, mlp_dim, dropout, attn_dropout)
-        # Untied: its own (K, D) weight, not the word embeddings (recent `transformers` would tie it).
-        self.lm_head = Linear(hidden_size, codebook_size)
-
-
 class ImageBert(MaskedTokenModel):
-    """The MaskGIT transformer of TiTok-L-32 / B-64: BERT-large-ish depth at width 768."""
+    """The MaskGIT transformer of TiTok-L-32 / B-64: BERT-large-ish depth at width 768. Its
+    checkpoint calls the body `model`: embeddings, encoder.layer.i and an untied lm_head."""
 
     def __init__(self, codebook_size: int, seq_len: int, num_classes: int, hidden_size: int,
                  num_layers: int, num_heads: int, mlp_dim: int, dropout: float = 0.1,
                  attn_dropout: float = 0.1):
         super().__init__(codebook_size, seq_len, num_classes)
-        self.model = BertBody(self.vocab_size, seq_len, codebook_size, hidden_size, num_layers,
-                              num_heads, mlp_dim, dropout, attn_dropout)
+        D = hidden_size
+        embeddings = _namespace(
+            word_embeddings=nn.Embedding(self.vocab_size, D),
+            position_embeddings=nn.Embedding(seq_len + 1, D),  # learned absolute positions
+            token_type_embeddings=nn.Embedding(2, D),          # BERT's sentence A/B; only row 0 is used
+            LayerNorm=nn.LayerNorm(D, eps=1e-12), dropout=nn.Dropout(dropout))
+        layers = nn.ModuleList(BertLayer(D, num_heads, mlp_dim, dropout, attn_dropout) for _ in range(num_layers))
+        # Untied: its own (K, D) weight, not the word embeddings (recent `transformers` would tie it).
+        self.model = _namespace(embeddings=embeddings, encoder=_namespace(layer=layers),
+                                lm_head=Linear(D, codebook_size))
         self.apply(_init_weights)
 
     def forward(self, input_ids: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
         """input_ids (B, N) with mask_id at masked positions, class_labels (B,) in [0, C] -> (B, N, K)."""
-        x = self.model.embeddings(self.input_sequence(input_ids, class_labels))  # (B, 1+N, D)
-        x = self.model.encoder(x)
+        e = self.model.embeddings
+        ids = self.input_sequence(input_ids, class_labels)                # (B, 1+N)
+        x = e.word_embeddings(ids) + e.token_type_embeddings.weight[0] + e.position_embeddings.weight[:ids.shape[1]]
+        x = e.dropout(e.LayerNorm(x))                                     # (B, 1+N, D)
+        for layer in self.model.encoder.layer:
+            x = layer(x)
         return self.model.lm_head(x[:, 1:])  # drop the class position
 
 
 # ----------------------------------------------------------------------------------------------
-# UViTBert: pre-LN blocks with long skips (U-ViT, Bao et al. 2023), used for TiTok-S-128
+# 5. UViTBert: pre-LN blocks with long skips (U-ViT, Bao et al. 2023), used for TiTok-S-128
 # ----------------------------------------------------------------------------------------------
 
 class UViTAttention(nn.Module):
@@ -385,7 +427,8 @@ def _init_weights(m: nn.Module) -> None:
 
 
 def build_generator(cfg: GeneratorConfig) -> MaskedTokenModel:
-    """ImageBert or UViTBert for cfg. The model keeps `config` (for checkpoints) and `preset`."""
+    """ImageBert or UViTBert for cfg. The model keeps `config` (for checkpoints); load_generator
+    also sets `preset` (for the default sampling settings)."""
     shape = dict(codebook_size=cfg.codebook_size, seq_len=cfg.seq_len, num_classes=cfg.num_classes,
                  hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
                  mlp_dim=cfg.mlp_dim)
@@ -397,204 +440,90 @@ def build_generator(cfg: GeneratorConfig) -> MaskedTokenModel:
         model = UViTBert(**shape)
     else:
         raise UserError(f"unknown generator arch {cfg.arch!r} (expected 'imagebert' or 'uvit')")
-    model.config, model.preset = cfg, find_preset(cfg)
+    model.config, model.preset = cfg, None
     return model
 
 
 # ----------------------------------------------------------------------------------------------
-# Training: mask schedule, random masking, label dropout, the masked-token loss
+# 6. Configuration, the released presets and their sampling settings
 # ----------------------------------------------------------------------------------------------
 
-def mask_ratio(progress, schedule: str = "arccos"):
-    """The mask scheduling function gamma(r) of MaskGIT Sec. 3.3: the fraction of tokens still
-    masked at progress r in [0, 1] (gamma(0) = 1, gamma(1) = 0). TiTok uses arccos, the inverse
-    function of MaskGIT's cosine: it fixes tokens faster in the first steps and more slowly in the
-    last ones. Works on tensors (training, float32) and on Python floats (sampling, float64, as the
-    reference computes it with numpy)."""
-    lib = torch if isinstance(progress, torch.Tensor) else math
-    if schedule == "arccos":
-        return lib.acos(progress) / (math.pi / 2)
-    if schedule == "cosine":
-        return lib.cos(progress * math.pi / 2)
-    if schedule == "linear":
-        return 1 - progress
-    raise ValueError(f"unknown mask schedule {schedule!r} (arccos, cosine or linear)")
+@dataclass
+class GeneratorConfig:
+    arch: str = "imagebert"          # "imagebert" (post-LN BERT) or "uvit" (pre-LN U-ViT)
+    codebook_size: int = 4096        # K: the tokenizer's codebook size; K is also the [MASK] id
+    seq_len: int = 32                # N: image tokens per image (the tokenizer's num_latent_tokens)
+    num_classes: int = 1000          # C: class labels; C itself is the null class
+    hidden_size: int = 768
+    num_layers: int = 24             # for "uvit": in-blocks = out-blocks = num_layers // 2, plus a mid-block
+    num_heads: int = 16
+    mlp_dim: int = 3072
+    dropout: float = 0.1             # hidden dropout (ImageBert only; the reference U-ViT has none)
+    attn_dropout: float = 0.1        # attention-probability dropout (ImageBert only)
+    class_label_dropout: float = 0.1  # training: probability of replacing a label by the null class
 
 
-def _rand(shape, generator: torch.Generator | None, device) -> torch.Tensor:
-    """U[0,1) float32 noise from `generator` (or the global RNG of `device` when None), moved to
-    `device`. Every random draw goes through here so the stream order is easy to audit."""
-    source = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, device=source).to(device)
+# Released generators (official configs/infer/TiTok/*.yaml) and a CPU-sized one for the tiny
+# tokenizer (32x32 images, 32 tokens, 1024 codes, 10 classes).
+PRESETS: dict[str, GeneratorConfig] = {
+    "titok_l32": GeneratorConfig("imagebert", 4096, 32, 1000, 768, 24, 16, 3072),
+    "titok_b64": GeneratorConfig("imagebert", 4096, 64, 1000, 768, 24, 16, 3072),
+    "titok_s128": GeneratorConfig("uvit", 4096, 128, 1000, 1024, 20, 16, 4096),
+    "tiny": GeneratorConfig("imagebert", 1024, 32, 10, 192, 4, 4, 768),
+}
+
+# The official ImageNet evaluation settings (the released configs plus the evaluation script's
+# softmax-temperature annealing). Keys are the keyword arguments of `generate`.
+DEFAULT_SAMPLING: dict[str, dict] = {
+    "titok_l32": dict(num_steps=8, guidance_scale=4.5, guidance_schedule="linear",
+                      randomize_temperature=9.5, softmax_annealing=True),
+    "titok_b64": dict(num_steps=8, guidance_scale=3.0, guidance_schedule="linear",
+                      randomize_temperature=11.0, softmax_annealing=True),
+    "titok_s128": dict(num_steps=64, guidance_scale=6.9, guidance_schedule="power-cosine",
+                       guidance_pow=3.0, randomize_temperature=2.8, softmax_annealing=True),
+    "tiny": dict(num_steps=8, guidance_scale=2.0, guidance_schedule="linear",
+                 randomize_temperature=4.5, softmax_annealing=True),
+}
 
 
-def mask_tokens(ids: torch.Tensor, schedule: str = "arccos", *, mask_id: int,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training-time masking (MaskGIT Sec. 3.1): per sample, r ~ U(0,1), mask round(N * gamma(r))
-    random positions (at least one). Returns (input_ids with mask_id at masked positions, mask)."""
-    B, N = ids.shape
-    r = _rand((B,), generator, ids.device)                           # RNG draw 1: progress per sample
-    ratio = mask_ratio(r, schedule).clamp(1e-6, 1.0)
-    num_masked = (N * ratio).round().clamp(min=1)                    # (B,)
-    # RNG draw 2: a random permutation per row. Position j is masked when the permutation's value
-    # at j is below num_masked: exactly num_masked positions, uniformly chosen (as the reference).
-    perm = _rand((B, N), generator, ids.device).argsort(dim=-1)     # (B, N)
-    mask = perm < num_masked[:, None]
-    return torch.where(mask, mask_id, ids), mask
+def config_to_dict(cfg: GeneratorConfig) -> dict:
+    return dataclasses.asdict(cfg)
 
 
-def drop_labels(class_labels: torch.Tensor, drop_prob: float, null_label: int,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Classifier-free guidance training: each label becomes the null label with prob drop_prob.
-    One U(0,1) draw per label, like the reference forward()."""
-    drop = _rand(class_labels.shape, generator, class_labels.device) < drop_prob
-    return torch.where(drop, null_label, class_labels)
+def config_from_dict(d: dict) -> GeneratorConfig:
+    """Inverse of config_to_dict, as stored in our checkpoints under "config"."""
+    names = {f.name for f in dataclasses.fields(GeneratorConfig)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise UserError(f"generator config has unknown fields {unknown}")
+    cfg = GeneratorConfig(**d)
+    if cfg.arch not in ("imagebert", "uvit"):
+        raise UserError(f"generator config: arch must be 'imagebert' or 'uvit', got {cfg.arch!r}")
+    return cfg
 
 
-def masked_token_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-                      label_smoothing: float = 0.1, unmasked_weight: float = 0.1
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """MaskGIT's loss (Eq. 1) as TiTok trains it: label-smoothed cross-entropy on every position,
-    weight 1 on masked and `unmasked_weight` on unmasked ones (the model still learns to copy
-    visible tokens), normalised by the total weight.
-    logits (B, N, K), targets (B, N), mask (B, N) bool -> (loss, accuracy on masked tokens)."""
-    ce = F.cross_entropy(logits.transpose(1, 2), targets, label_smoothing=label_smoothing,
-                         reduction="none")                           # (B, N)
-    m = mask.to(ce.dtype)
-    w = (1.0 - m) * unmasked_weight + m
-    loss = (ce * w).sum() / (w.sum() + 1e-8)
-    correct = (logits.argmax(-1) == targets).to(ce.dtype) * m
-    accuracy = (correct.sum(1) / (m.sum(1) + 1e-8)).mean()
-    return loss, accuracy
-
-
-# ----------------------------------------------------------------------------------------------
-# Sampling: MaskGIT iterative decoding with classifier-free guidance
-# ----------------------------------------------------------------------------------------------
-
-def gumbel_noise(u: torch.Tensor) -> torch.Tensor:
-    """-log(-log(u)) turns U(0,1) into Gumbel(0,1); argmax(logits + g) samples softmax(logits)
-    (the Gumbel-max trick). Clamps keep both logs finite."""
-    return -torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
-
-
-def guidance_scale_at(step: int, num_steps: int, guidance_scale: float, schedule: str,
-                      guidance_pow: float = 3.0):
-    """CFG scale used at `step`. constant: g. linear (MUSE): s/S * g, so step 0 is unguided.
-    power-cosine (MDT): 1 + (g-1) * (1 - cos(pi * (s/S)^pow)) / 2, computed in float32 like the
-    reference so seeded runs match bit for bit."""
-    if schedule == "constant":
-        return guidance_scale
-    if schedule == "linear":
-        return step / num_steps * guidance_scale
-    if schedule == "power-cosine":
-        p = torch.tensor(guidance_pow, dtype=torch.float32)  # 0-dim: usable with logits on any device
-        return (guidance_scale - 1) * ((1 - torch.cos((step / num_steps) ** p * torch.pi)) / 2) + 1
-    raise ValueError(f"unknown guidance schedule {schedule!r} (constant, linear or power-cosine)")
-
-
-def guided_logits(model: nn.Module, ids: torch.Tensor, class_labels: torch.Tensor, scale,
-                  schedule: str, generator: torch.Generator | None) -> torch.Tensor:
-    """Logits for one step; with guidance, conditional and unconditional rows in ONE forward.
-
-    The reference runs two forwards, and each draws U(0,1) per label for label dropout (with drop
-    probability 0 and 1, so the draws change nothing). We make the same draws so that a seed
-    gives the reference's samples."""
-    _rand(class_labels.shape, generator, ids.device)                 # the conditional pass's draw
-    if float(scale) == 0:
-        return model(ids, class_labels).float()                      # (B, N, K)
-    _rand(class_labels.shape, generator, ids.device)                 # the unconditional pass's draw
-    null = torch.full_like(class_labels, model.null_label)
-    both = model(torch.cat([ids, ids]), torch.cat([class_labels, null])).float()  # (2B, N, K)
-    cond, uncond = both.chunk(2)
-    if schedule == "power-cosine":   # MDT's form: interpolate from the unconditional logits
-        return uncond + (cond - uncond) * scale
-    return cond + (cond - uncond) * scale                            # MUSE's form
-
-
-@torch.no_grad()
-def generate(model: nn.Module, class_labels: torch.Tensor, num_steps: int = 8,
-             guidance_scale: float = 3.0, guidance_schedule: str = "constant",
-             temperature: float = 1.0, randomize_temperature: float = 4.5,
-             softmax_annealing: bool = False, guidance_pow: float = 3.0,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-    """Class-conditional MaskGIT sampling (MaskGIT Sec. 3.2) -> token ids (B, N) int64.
-
-    randomize_temperature scales the Gumbel noise (0 = greedy), annealed linearly to 0 over the
-    steps; softmax_annealing divides the logits by 0.5 + 0.8 * (1 - r); temperature is an extra
-    constant softmax temperature (1 = off). Random numbers are drawn in the reference's order:
-    per step rand(B) [cond], rand(B) [uncond, if guided], U(B,N,K), U(B,N).
-    """
-    B, N, device = class_labels.shape[0], model.seq_len, class_labels.device
-    ids = torch.full((B, N), model.mask_id, dtype=torch.long, device=device)  # start fully masked
-    for step in range(num_steps):
-        r = (step + 1) / num_steps                                   # progress after this step
-        t = randomize_temperature * (1.0 - r)                        # annealed Gumbel temperature
-        is_mask = ids == model.mask_id                               # (B, N)
-
-        scale = guidance_scale_at(step, num_steps, guidance_scale, guidance_schedule, guidance_pow)
-        logits = guided_logits(model, ids, class_labels, scale, guidance_schedule, generator)
-        if softmax_annealing:
-            logits = logits / (temperature * (0.5 + 0.8 * (1 - r)))  # sharper as decoding proceeds
-        elif temperature != 1.0:
-            logits = logits / temperature
-
-        # 1. Predict: sample a candidate id for every position (Gumbel-max at temperature t).
-        candidates = (logits + t * gumbel_noise(_rand(logits.shape, generator, device))).argmax(-1)
-        confidence = logits.gather(-1, candidates[..., None]).squeeze(-1)  # (B, N) candidate's logit
-        candidates = torch.where(is_mask, candidates, ids)           # decided tokens never change
-        confidence = torch.where(is_mask, confidence, math.inf)      # ...and are never re-masked
-
-        # 2. Schedule: how many stay masked after this step, gamma(r) * N, at least 1 and fewer
-        #    than now. Like the reference, the count of batch row 0 bounds every row.
-        num_masked = max(1, min(int(is_mask[0].sum()) - 1, math.floor(N * mask_ratio(r))))
-
-        # 3. Re-mask the least confident (with Gumbel noise, so "confidence" is itself sampled).
-        confidence = confidence + t * gumbel_noise(_rand((B, N), generator, device))
-        cutoff = confidence.kthvalue(num_masked, dim=-1, keepdim=True).values  # (B, 1)
-        if step == num_steps - 1:
-            ids = candidates                                         # last step: take everything
-        else:
-            ids = torch.where(confidence <= cutoff, model.mask_id, candidates)
-    return ids
+def config_from_official(cfg: dict) -> GeneratorConfig:
+    """Translate the official config (the YAML / HF config.json dict, with model.vq_model and
+    model.generator sections) into a GeneratorConfig."""
+    try:
+        vq, g = cfg["model"]["vq_model"], cfg["model"]["generator"]
+        arch = {"ViT": "imagebert", "UViT": "uvit"}[g["model_type"]]
+        return GeneratorConfig(
+            arch=arch, codebook_size=int(vq["codebook_size"]), seq_len=int(g["image_seq_len"]),
+            num_classes=int(g["condition_num_classes"]),
+            # Early reference versions hard-coded the BERT size (768/24/16/3072) instead of reading it.
+            hidden_size=int(g.get("hidden_size", 768)), num_layers=int(g.get("num_hidden_layers", 24)),
+            num_heads=int(g.get("num_attention_heads", 16)), mlp_dim=int(g.get("intermediate_size", 3072)),
+            dropout=float(g.get("dropout", 0.1)), attn_dropout=float(g.get("attn_drop", 0.1)),
+            class_label_dropout=float(g.get("class_label_dropout", 0.1)))
+    except KeyError as e:
+        raise UserError(f"official generator config lacks {e} (expected model.vq_model and "
+                        "model.generator with model_type 'ViT' or 'UViT')") from None
 
 
 # ----------------------------------------------------------------------------------------------
-# Loading: official checkpoints (strict) and our own
+# 7. Loading: official checkpoints (strict) and our own
 # ----------------------------------------------------------------------------------------------
-
-def _describe(keys, limit: int = 6) -> str:
-    keys = sorted(keys)
-    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
-def load_official_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Load a reference-format state dict strictly; errors name the missing, unexpected and
-    wrongly shaped keys."""
-    own = model.state_dict()
-    missing, unexpected = own.keys() - state_dict.keys(), state_dict.keys() - own.keys()
-    wrong = [f"{k} {tuple(state_dict[k].shape)} (expected {tuple(own[k].shape)})"
-             for k in own.keys() & state_dict.keys() if state_dict[k].shape != own[k].shape]
-    problems = [f"{n} {what}: {_describe(keys)}" for n, what, keys in
-                [(len(missing), "missing keys", missing), (len(unexpected), "unexpected keys", unexpected),
-                 (len(wrong), "keys with the wrong shape", wrong)] if keys]
-    if problems:
-        raise UserError("generator weights do not match the model: " + "; ".join(problems))
-    model.load_state_dict(state_dict, strict=True)
-
-
-def _preset_from_shapes(state_dict: dict) -> str:
-    """Which released preset a bare official state dict belongs to (exact key/shape match)."""
-    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
-    for name in ("titok_l32", "titok_b64", "titok_s128", "tiny"):
-        with torch.device("meta"):
-            ref = build_generator(PRESETS[name]).state_dict()
-        if shapes == {k: tuple(v.shape) for k, v in ref.items()}:
-            return name
-    raise UserError("weights match none of the generator presets; pass the preset "
-                    f"({', '.join(PRESETS)}) or use a checkpoint with its config")
-
 
 def load_generator(path: str | Path, preset: str | None = None) -> MaskedTokenModel:
     """Load a generator for inference (eval mode) from
@@ -605,32 +534,29 @@ def load_generator(path: str | Path, preset: str | None = None) -> MaskedTokenMo
     if preset is not None and preset not in PRESETS:
         raise UserError(f"unknown generator preset {preset!r} (choose from {', '.join(PRESETS)})")
     if path.is_dir():
-        cfg_file = path / "config.json"
         weights = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
-        if not cfg_file.is_file() or not weights:
+        if not (path / "config.json").is_file() or not weights:
             raise UserError(f"{path}: expected config.json and model.safetensors or pytorch_model.bin")
         try:
-            cfg = config_from_official(json.loads(cfg_file.read_text()))
+            cfg = config_from_official(json.loads((path / "config.json").read_text()))
         except json.JSONDecodeError as e:
-            raise UserError(f"{cfg_file}: invalid JSON ({e})") from None
-        state, name = read_checkpoint(weights[0]), find_preset(cfg)
+            raise UserError(f"{path / 'config.json'}: invalid JSON ({e})") from None
+        state = read_checkpoint(weights[0])
     else:
-        ckpt = read_checkpoint(path)
-        if not isinstance(ckpt, dict):
+        state = read_checkpoint(path)
+        if not isinstance(state, dict):
             raise UserError(f"{path}: not a generator checkpoint")
-        if "kind" in ckpt:       # ours
-            if ckpt["kind"] != "generator":
-                raise UserError(f"{path}: is a {ckpt['kind']!r} checkpoint, not a generator")
-            try:
-                cfg = config_from_dict(ckpt["config"])
-                state = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
-            except (KeyError, TypeError) as e:
-                raise UserError(f"{path}: malformed generator checkpoint ({e!r})") from None
-            name = ckpt.get("preset") or find_preset(cfg)
-        else:                    # a bare official state dict
-            name = preset or _preset_from_shapes(ckpt)
-            cfg, state = PRESETS[name], ckpt
+        if "kind" in state:      # ours
+            preset = preset or state.get("preset")
+            config, state = checkpoint_weights(state, "generator", path)
+            cfg = config_from_dict(config)
+        else:                    # a bare official state dict: the preset names the architecture
+            preset = preset or guess_preset(state, PRESETS, build_generator)
+            if preset is None:
+                raise UserError(f"{path}: weights match none of the generator presets; pass the preset "
+                                f"({', '.join(PRESETS)}) or use a checkpoint with its config")
+            cfg = PRESETS[preset]
     model = build_generator(cfg)
     load_official_weights(model, state)
-    model.preset = preset or name
+    model.preset = preset or guess_preset(state, PRESETS, build_generator)
     return model.eval().requires_grad_(False)

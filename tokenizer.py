@@ -6,16 +6,17 @@ with K learnable *latent tokens* through a ViT encoder and keeps only the K late
 (Sec. 3.2): the image becomes a 1D sequence of K (32, 64, 128...) ids. A ViT decoder rebuilds the
 patch grid from those K tokens plus one learned mask token per patch position.
 
-Read top to bottom:
-  1. checkpoint readers (safetensors by hand, torch files with weights_only=True)
-  2. configs and PRESETS for every released tokenizer
-  3. ViT pieces: attention block, MLP
-  4. TiTokEncoder (Sec. 3.2, Fig. 3)           patches + latent tokens -> K latents
-  5. VectorQuantizer / Gaussian posterior       K latents -> K ids (or VAE samples)
-  6. MaskGIT-VQGAN (Chang et al., 2022)         the proxy-code teacher and pixel decoder (Sec. 3.3)
-  7. TiTokDecoder (Sec. 3.2)                    K tokens + mask tokens -> pixels or proxy-code logits
-  8. TiTok: the whole tokenizer; loading official weights
-  9. command line: reconstruct, encode, benchmark
+Read top to bottom; sections 1-6 are the model, the rest is how to load and use it:
+  1. ViT block: attention + MLP, pre-LN                       (shared by encoder and decoder)
+  2. TiTokEncoder (Sec. 3.2, Fig. 3)    patches + K latent tokens -> K latents
+  3. VectorQuantizer (Sec. 3.1)         K latents -> K ids, l2-normalised codebook, in fp32
+  4. TiTokDecoder (Sec. 3.2)            K tokens + mask tokens -> pixels or proxy-code logits
+  5. MaskGIT-VQGAN (Chang et al., 2022) the 2D tokenizer: proxy-code teacher and pixel decoder
+  6. TiTok: the whole tokenizer, initialised as the official code
+  7. configs and PRESETS of every released tokenizer
+  8. loading: strict, every key checked; official files and our checkpoints
+  9. command line: reconstruct, encode
+ 10. appendix: helpers every stage imports (errors, file readers, images, autocast, torchrun)
 
 Two ways the released models decode (Sec. 3.3, "two-stage training"):
   * two-stage (TiTok-L-32 / B-64 / S-128): the ViT decoder predicts, per 16x16 patch, logits over
@@ -29,86 +30,498 @@ our tensors are interchangeable; token ids are (B, K).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import sys
-import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
+
 
 # ----------------------------------------------------------------------------------------------
-# 1. Checkpoint readers. The released weights come as `model.safetensors` (+ `config.json`) inside
-# Hugging Face snapshot folders, or as raw `torch.save` files (`tokenizer_titok_l32.bin`). We read
-# both without extra packages and without ever unpickling code.
+# 1. ViT block (pre-LN residual blocks as in CLIP/ViT; Dosovitskiy et al., 2021).
 # ----------------------------------------------------------------------------------------------
 
-class UserError(ValueError):
-    """Bad input (a missing file, a wrong checkpoint, out-of-range ids...). CLIs print the message as
-    one line and exit with status 1 instead of showing a traceback."""
+class Attention(nn.Module):
+    """Multi-head self-attention with one packed qkv projection (the key names and the xavier
+    initialisation of torch.nn.MultiheadAttention, which the reference uses), computed by SDPA."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(nn.init.xavier_uniform_(torch.empty(3 * width, width)))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, W = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)          # (B, L, 3W)
+        q, k, v = qkv.view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)  # (B, h, L, d)
+        y = F.scaled_dot_product_attention(q, k, v)                        # (B, h, L, d)
+        return self.out_proj(y.transpose(1, 2).reshape(B, L, W))
 
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
+class MLP(nn.Module):
+    def __init__(self, width: int, ratio: int = 4):
+        super().__init__()
+        self.c_fc = nn.Linear(width, ratio * width)
+        self.c_proj = nn.Linear(ratio * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x)))  # exact (erf) GELU, as the reference
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a .safetensors file: an 8-byte little-endian header length n, n bytes of JSON
-    {name: {dtype, shape, data_offsets: [begin, end]}} (plus an optional "__metadata__"), then the
-    raw little-endian tensor bytes, offsets counted from the end of the header."""
-    if sys.byteorder != "little":
-        raise UserError("read_safetensors: this reader assumes a little-endian machine")
-    path = Path(path)
-    size = path.stat().st_size
-    buf = bytearray(size)  # one copy of the file; the tensors below are views into it
-    with open(path, "rb") as f:
-        f.readinto(buf)
-    try:
-        n = int.from_bytes(buf[:8], "little")
-        if size < 8 or 8 + n > size:
-            raise ValueError("header length points past the end of the file")
-        header = json.loads(bytes(buf[8:8 + n]))
-        out = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-            begin, end = info["data_offsets"]
-            count = math.prod(info["shape"])
-            if end - begin != count * dtype.itemsize or 8 + n + end > size:
-                raise ValueError(f"tensor {name!r} has inconsistent offsets")
-            t = torch.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + begin) if count else \
-                torch.empty(0, dtype=dtype)
-            out[name] = t.reshape(info["shape"])
+class Block(nn.Module):
+    """x + attn(LN(x)), then x + mlp(LN(x))."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = MLP(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+def _randn_param(*shape: int, scale: float) -> nn.Parameter:
+    # Embeddings, positions, latent and mask tokens: N(0, 1/width), as the reference creates them.
+    return nn.Parameter(scale * torch.randn(*shape))
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Encoder (Sec. 3.2): patches and K latent tokens go through one ViT; keep the K latents.
+# ----------------------------------------------------------------------------------------------
+
+class TiTokEncoder(nn.Module):
+    def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int,
+                 num_latent_tokens: int, out_channels: int, legacy_reshape: bool):
+        super().__init__()
+        self.grid = image_size // patch_size
+        self.legacy_reshape = legacy_reshape
+        scale = width ** -0.5
+        self.patch_embed = nn.Conv2d(3, width, patch_size, stride=patch_size)  # one vector per patch
+        self.class_embedding = _randn_param(1, width, scale=scale)
+        self.positional_embedding = _randn_param(self.grid ** 2 + 1, width, scale=scale)
+        # Each latent token gets its own learned position, so the K outputs are ordered (1D).
+        self.latent_token_positional_embedding = _randn_param(num_latent_tokens, width, scale=scale)
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = nn.ModuleList([Block(width, heads) for _ in range(layers)])
+        self.ln_post = nn.LayerNorm(width)
+        # 1x1 conv = a per-token linear map to the codebook dimension (x2 for a VAE's mean+logvar)
+        self.conv_out = nn.Conv2d(width, out_channels, 1)
+
+    def forward(self, images: torch.Tensor, latent_tokens: torch.Tensor) -> torch.Tensor:
+        B = images.shape[0]
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)            # (B, g*g, W)
+        x = torch.cat([self.class_embedding.expand(B, 1, -1), x], dim=1)   # (B, 1+g*g, W)
+        x = x + self.positional_embedding
+        latents = latent_tokens + self.latent_token_positional_embedding   # (K, W)
+        x = torch.cat([x, latents.expand(B, -1, -1)], dim=1)               # (B, 1+g*g+K, W)
+        x = self.ln_pre(x)
+        for block in self.transformer:
+            x = block(x)
+        K, W = latents.shape
+        z = self.ln_post(x[:, -K:])                                        # (B, K, W)
+        if self.legacy_reshape:
+            # The quirk of the released two-stage checkpoints: a plain reshape of (B, K, W) memory to
+            # (B, W, K, 1). "Channel" w of "token" k is not feature w of token k; the 1x1 conv then
+            # mixes a scrambled layout. The weights were trained this way, so loading them needs it.
+            z = z.reshape(B, W, K, 1)
+        else:
+            z = z.transpose(1, 2).reshape(B, W, K, 1)                      # proper (B, W, K, 1)
+        z = self.conv_out(z)                                               # (B, C, K, 1)
+        return z.reshape(B, -1, 1, K)                                      # (B, C, 1, K)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Quantisation: K continuous latents -> K ids (VQ, van den Oord et al., 2017) or a VAE sample.
+# ----------------------------------------------------------------------------------------------
+
+class VectorQuantizer(nn.Module):
+    """Nearest-codebook lookup. With `use_l2_norm` both the latents and the codebook rows are
+    l2-normalised first, so "nearest" means highest cosine similarity (as in ViT-VQGAN, Yu et al.
+    2022): it keeps all codes on the sphere and improves codebook usage (TiTok Sec. 4.1).
+    Works on any (B, C, H, W) grid: TiTok's (B, C, 1, K) tokens or a VQGAN's (B, C, h, w) codes."""
+
+    def __init__(self, codebook_size: int, token_size: int, commitment_cost: float = 0.25,
+                 use_l2_norm: bool = False):
+        super().__init__()
+        self.embedding = nn.Embedding(codebook_size, token_size)
+        # The official init: uniform(-1/V, 1/V), far smaller than the rest of the net's 0.02. On the
+        # sphere only a code's direction matters, and Adam's fixed-size steps turn a short vector
+        # quickly, so codes move to the encoder's outputs early in training.
+        nn.init.uniform_(self.embedding.weight, -1.0 / codebook_size, 1.0 / codebook_size)
+        self.commitment_cost = commitment_cost
+        self.use_l2_norm = use_l2_norm
+
+    def codebook(self) -> torch.Tensor:
+        w = self.embedding.weight.float()                                  # (V, C)
+        return F.normalize(w, dim=-1) if self.use_l2_norm else w
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, K) ids -> (B, C, 1, K) codebook vectors."""
+        return self.codebook()[ids].permute(0, 2, 1).unsqueeze(2)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        # The nearest-code search decides a discrete outcome, so it runs in fp32 with autocast OFF
+        # (as the official quantizer): autocast would run `z @ e.t()` in bf16 whatever the inputs'
+        # dtype, and bf16's ~3e-3 rounding of a cosine flips the argmin between near-tied codes.
+        with torch.autocast(z.device.type, enabled=False):
+            B, C, H, W = z.shape
+            z = z.float().permute(0, 2, 3, 1).reshape(-1, C)               # (B*H*W, C)
+            if self.use_l2_norm:
+                z = F.normalize(z, dim=-1)
+            e = self.codebook()                                            # (V, C)
+            dist = z.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * z @ e.t()  # squared L2
+            ids = dist.argmin(1)                                           # (B*H*W,)
+            zq = e[ids]
+            # Codebook loss pulls codes to encoder outputs; commitment keeps the encoder near its codes.
+            commitment = self.commitment_cost * F.mse_loss(z, zq.detach())
+            codebook = F.mse_loss(zq, z.detach())
+            zq = z + (zq - z).detach()  # straight-through estimator: copy gradients from zq to z
+            counts = torch.bincount(ids, minlength=e.shape[0]).float()
+            p = counts / counts.sum()
+        stats = dict(quantizer_loss=commitment + codebook, commitment_loss=commitment,
+                     codebook_loss=codebook, ids=ids.view(B, H * W),
+                     perplexity=torch.exp(-(p * torch.log(p.clamp_min(1e-10))).sum()),
+                     code_usage=(counts > 0).float().mean())
+        return zq.view(B, H, W, C).permute(0, 3, 1, 2), stats              # (B, C, H, W)
+
+
+def gaussian_posterior(z: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+    """The VAE variant: channels [0:C] are the mean, [C:2C] the log-variance of a diagonal Gaussian
+    per token (Kingma & Welling, 2014). Returns the sample and the per-token KL to N(0, I)."""
+    mean, logvar = z.float().chunk(2, dim=1)                               # (B, C, 1, K) each
+    logvar = logvar.clamp(-30.0, 20.0)
+    std = torch.exp(0.5 * logvar)
+    # Noise is drawn on the CPU (then moved), like the reference, so seeds give the same samples.
+    noise = torch.randn(mean.shape, generator=generator).to(mean.device)
+    kl = 0.5 * (mean.pow(2) + std.pow(2) - 1.0 - logvar).sum(dim=(1, 2))   # (B, K)
+    return dict(sample=mean + std * noise, mean=mean, logvar=logvar, kl=kl)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Decoder (Sec. 3.2): K tokens + one mask token per patch -> ViT -> the patch positions.
+# ----------------------------------------------------------------------------------------------
+
+class DepthToSpace(nn.Module):
+    """(B, p*p*3, g, g) -> (B, 3, g*p, g*p); channel order (p1, p2, c) as the reference."""
+
+    def __init__(self, patch_size: int):
+        super().__init__()
+        self.p = patch_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, h, w = x.shape
+        p = self.p
+        x = x.view(B, p, p, 3, h, w).permute(0, 3, 4, 1, 5, 2)             # (B, 3, h, p, w, p)
+        return x.reshape(B, 3, h * p, w * p)
+
+
+class TiTokDecoder(nn.Module):
+    def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int,
+                 num_latent_tokens: int, token_size: int, num_proxy_codes: int | None):
+        super().__init__()
+        self.grid = image_size // patch_size
+        scale = width ** -0.5
+        self.decoder_embed = nn.Linear(token_size, width)
+        self.class_embedding = _randn_param(1, width, scale=scale)
+        self.positional_embedding = _randn_param(self.grid ** 2 + 1, width, scale=scale)
+        self.mask_token = _randn_param(1, 1, width, scale=scale)
+        self.latent_token_positional_embedding = _randn_param(num_latent_tokens, width, scale=scale)
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = nn.ModuleList([Block(width, heads) for _ in range(layers)])
+        self.ln_post = nn.LayerNorm(width)
+        if num_proxy_codes:
+            # Two-stage head: per patch, logits over the MaskGIT-VQGAN codes (Sec. 3.3).
+            self.ffn = nn.Sequential(nn.Conv2d(width, 2 * width, 1), nn.Tanh(),
+                                     nn.Conv2d(2 * width, num_proxy_codes, 1))
+            self.conv_out = None
+        else:
+            # Single-stage head: each patch vector becomes p*p RGB pixels, then a 3x3 conv smooths
+            # the seams between patches.
+            self.ffn = nn.Sequential(nn.Conv2d(width, patch_size * patch_size * 3, 1),
+                                     DepthToSpace(patch_size))
+            self.conv_out = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        B, C, _, K = z.shape
+        x = self.decoder_embed(z.reshape(B, C, K).transpose(1, 2))        # (B, K, W)
+        x = x + self.latent_token_positional_embedding[:K]
+        G = self.grid ** 2
+        queries = torch.cat([self.class_embedding.expand(B, 1, -1),
+                             self.mask_token.expand(B, G, -1)], dim=1)    # (B, 1+G, W)
+        queries = queries + self.positional_embedding
+        x = torch.cat([queries, x], dim=1)                                 # (B, 1+G+K, W)
+        x = self.ln_pre(x)
+        for block in self.transformer:
+            x = block(x)
+        x = self.ln_post(x[:, 1:1 + G])                                    # (B, G, W): the patch positions
+        x = x.transpose(1, 2).reshape(B, -1, self.grid, self.grid)         # (B, W, g, g)
+        x = self.ffn(x)                              # (B, 1024, g, g) logits or (B, 3, H, W) pixels
+        return self.conv_out(x) if self.conv_out is not None else x
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. MaskGIT-VQGAN (Chang et al., 2022; a taming-style VQGAN without attention): the 2D tokenizer
+#    TiTok is compared with. Two-stage TiTok uses its encoder+quantizer as the teacher of "proxy
+#    codes" and its decoder as the pixel decoder (Sec. 3.3).
+# ----------------------------------------------------------------------------------------------
+
+def _conv(cin: int, cout: int, k: int, bias: bool = True) -> nn.Conv2d:
+    # The original is a TF port with "SAME" padding. For odd kernels at stride 1 (every conv here)
+    # that is plain symmetric padding k // 2, which lets PyTorch use its fastest conv path.
+    return nn.Conv2d(cin, cout, k, padding=k // 2, bias=bias)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(32, cin, eps=1e-6)
+        self.conv1 = _conv(cin, cout, 3, bias=False)
+        self.norm2 = nn.GroupNorm(32, cout, eps=1e-6)
+        self.conv2 = _conv(cout, cout, 3, bias=False)
+        self.nin_shortcut = _conv(cout, cout, 1, bias=False) if cin != cout else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        if self.nin_shortcut is not None:
+            # Quirk of MaskGIT-VQGAN: when channels change, the input skip is dropped and the 1x1
+            # conv is applied to the block's *output*: y = h + nin(h). The weights expect this.
+            return h + self.nin_shortcut(h)
+        return x + h
+
+
+class _Level(nn.Module):
+    """One resolution level: res blocks, then (decoder only) nearest x2 upsampling + 3x3 conv."""
+
+    def __init__(self, cin: int, cout: int, num_blocks: int, upsample: bool = False):
+        super().__init__()
+        self.block = nn.ModuleList([ResBlock(cin if i == 0 else cout, cout) for i in range(num_blocks)])
+        self.upsample_conv = _conv(cout, cout, 3) if upsample else None
+
+
+class VQGANEncoder(nn.Module):
+    def __init__(self, hidden_channels: int, channel_mult: tuple[int, ...], num_res_blocks: int,
+                 z_channels: int):
+        super().__init__()
+        ch = [hidden_channels * m for m in channel_mult]
+        self.conv_in = _conv(3, hidden_channels, 3, bias=False)
+        self.down = nn.ModuleList([_Level(([hidden_channels] + ch)[i], ch[i], num_res_blocks)
+                                   for i in range(len(ch))])
+        self.mid = nn.ModuleList([ResBlock(ch[-1], ch[-1]) for _ in range(num_res_blocks)])
+        self.norm_out = nn.GroupNorm(32, ch[-1], eps=1e-6)
+        self.conv_out = _conv(ch[-1], z_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x.contiguous(memory_format=torch.channels_last))  # see VQGANDecoder.forward
+        for i, level in enumerate(self.down):
+            for block in level.block:
+                h = block(h)
+            if i < len(self.down) - 1:
+                h = F.avg_pool2d(h, 2)                                     # halve the resolution
+        for block in self.mid:
+            h = block(h)
+        return self.conv_out(F.silu(self.norm_out(h))).contiguous()        # (B, z, H/f, W/f)
+
+
+class VQGANDecoder(nn.Module):
+    def __init__(self, hidden_channels: int, channel_mult: tuple[int, ...], num_res_blocks: int,
+                 z_channels: int):
+        super().__init__()
+        ch = [hidden_channels * m for m in channel_mult]
+        n = len(ch)
+        self.conv_in = _conv(z_channels, ch[-1], 3)
+        self.mid = nn.ModuleList([ResBlock(ch[-1], ch[-1]) for _ in range(num_res_blocks)])
+        # `up[i]` works at resolution level i; they run from the coarsest (i = n-1) to the finest.
+        self.up = nn.ModuleList([_Level(ch[min(i + 1, n - 1)], ch[i], num_res_blocks, upsample=i > 0)
+                                 for i in range(n)])
+        self.norm_out = nn.GroupNorm(32, ch[0], eps=1e-6)
+        self.conv_out = _conv(ch[0], 3, 3)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        # channels-last ("NHWC") activations let oneDNN/cuDNN pick their fast conv kernels (the 3x3
+        # convs are most of a pixel decoder's time); the layout stays through the net.
+        h = self.conv_in(z.contiguous(memory_format=torch.channels_last))
+        for block in self.mid:
+            h = block(h)
+        for level in reversed(self.up):
+            for block in level.block:
+                h = block(h)
+            if level.upsample_conv is not None:
+                h = level.upsample_conv(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+        return self.conv_out(F.silu(self.norm_out(h))).contiguous()        # (B, 3, H, W), unclamped
+
+
+class MaskGITVQGAN(nn.Module):
+    """The released `maskgit-vqgan-imagenet-f16-256.bin` (keys encoder.*, decoder.*, quantize.*): a
+    conv encoder, a plain (not l2-normalised) codebook on the (h, w) grid, a conv decoder. Its
+    forward has TiTok's training interface, so train_tok.py trains a small one as a 2D baseline."""
+
+    def __init__(self, cfg: VQGANConfig | None = None):
+        super().__init__()
+        cfg = cfg or VQGANConfig()
+        args = (cfg.hidden_channels, cfg.channel_mult, cfg.num_res_blocks, cfg.z_channels)
+        self.config = cfg
+        self.encoder = VQGANEncoder(*args)
+        self.decoder = VQGANDecoder(*args)
+        self.quantize = VectorQuantizer(cfg.num_embeddings, cfg.z_channels)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """(B, 3, H, W) in [0, 1] -> (reconstruction, quantizer losses and stats with ids (B, h*w))."""
+        zq, result = self.quantize(self.encoder(images))                   # (B, C, h, w)
+        return self.decoder(zq), result
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, h*w) code ids in raster order (the stage-1 targets)."""
+        return self.quantize(self.encoder(images))[1]["ids"]
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, h*w) ids -> (B, 3, H, W) unclamped (the reference's decode also clamps to [0, 1])."""
+        B, L = codes.shape
+        g = math.isqrt(L)
+        z = self.quantize.codebook()[codes].view(B, g, g, -1).permute(0, 3, 1, 2)
+        return self.decoder(z)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. The tokenizer.
+# ----------------------------------------------------------------------------------------------
+
+class TiTok(nn.Module):
+    def __init__(self, config: TiTokConfig):
+        super().__init__()
+        c = self.config = config
+        if c.image_size % c.patch_size:
+            raise UserError(f"image_size {c.image_size} is not a multiple of patch_size {c.patch_size}")
+        if c.quantize_mode not in ("vq", "vae"):
+            raise UserError(f"quantize_mode must be 'vq' or 'vae', got {c.quantize_mode!r}")
+        if c.pixel_decoder and not c.proxy_head:
+            raise UserError("pixel_decoder=True needs proxy_head=True (it decodes the proxy-code logits)")
+        vae = c.quantize_mode == "vae"
+        # The K learnable latent tokens (Sec. 3.2): the same for every image; attention writes the
+        # image into them.
+        self.latent_tokens = _randn_param(c.num_latent_tokens, c.enc_width, scale=c.enc_width ** -0.5)
+        self.encoder = TiTokEncoder(c.image_size, c.patch_size, c.enc_width, c.enc_layers, c.enc_heads,
+                                    c.num_latent_tokens, 2 * c.token_size if vae else c.token_size,
+                                    c.legacy_reshape)
+        self.decoder = TiTokDecoder(c.image_size, c.patch_size, c.dec_width, c.dec_layers, c.dec_heads,
+                                    c.num_latent_tokens, c.token_size,
+                                    c.vqgan.num_embeddings if c.proxy_head else None)
+        # The official order: initialise encoder and decoder, *then* create the quantizer (which
+        # keeps its own small uniform init) and the pixel decoder (loaded from a MaskGIT-VQGAN).
+        self.apply(_init_weights)
+        self.quantize = None if vae else VectorQuantizer(c.codebook_size, c.token_size,
+                                                         c.commitment_cost, c.use_l2_norm)
+        if c.pixel_decoder:
+            v = c.vqgan
+            self.pixel_quantize = VectorQuantizer(v.num_embeddings, v.z_channels)
+            self.pixel_decoder = VQGANDecoder(v.hidden_channels, v.channel_mult, v.num_res_blocks,
+                                              v.z_channels)
+
+    # -- encoding ---------------------------------------------------------------------------------
+    def encoder_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, C, 1, K) continuous latents (2C channels for a VAE)."""
+        s = self.config.image_size
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[2:] != (s, s):
+            raise UserError(f"expected images of shape (B, 3, {s}, {s}), got {tuple(images.shape)}")
+        return self.encoder(images, self.latent_tokens)
+
+    def quantize_latents(self, z: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        if self.quantize is not None:
+            return self.quantize(z)
+        post = gaussian_posterior(z)
+        return post["sample"], post
+
+    def _encode(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        if self.config.pixel_decoder:
+            # Two-stage model (stage 2 / released weights): encoder, quantizer and latent tokens
+            # are frozen, exactly like the reference's `finetune_decoder` path (Sec. 3.3).
+            with torch.no_grad():
+                zq, result = self.quantize_latents(self.encoder_latents(images))
+            zero = torch.zeros((), device=zq.device)
+            result.update(quantizer_loss=zero, commitment_loss=zero, codebook_loss=zero)
+            return zq, result
+        return self.quantize_latents(self.encoder_latents(images))
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, K) int64 token ids; for a VAE, (B, C, 1, K) samples."""
+        zq, result = self._encode(images)
+        return zq if self.quantize is None else result["ids"]
+
+    # -- decoding ---------------------------------------------------------------------------------
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, C, 1, K) latents -> pixels (B, 3, H, W), unclamped; stage-1 models return the
+        (B, 1024, g, g) proxy-code logits."""
+        out = self.decoder(z)
+        if self.config.pixel_decoder:
+            # "Soft" codes: the softmax over the 1024 proxy codes weights the VQGAN codebook, so the
+            # decoder stays differentiable (Sec. 3.3).
+            probs = out.float().softmax(dim=1)                             # (B, 1024, g, g)
+            z = torch.einsum("nchw,cd->ndhw", probs, self.pixel_quantize.codebook())
+            out = self.pixel_decoder(z.to(out.dtype))                      # (B, 3, 16g, 16g)
         return out
-    except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not a valid .safetensors file ({e})") from None
+
+    def decode_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, K) token ids (or (B, 1, K)) -> images (B, 3, H, W), unclamped. For a VAE, pass the
+        (B, C, 1, K) latents."""
+        c = self.config
+        if self.quantize is None:
+            if ids.ndim != 4 or ids.shape[1:] != (c.token_size, 1, c.num_latent_tokens):
+                raise UserError(f"expected VAE latents of shape (B, {c.token_size}, 1, "
+                                f"{c.num_latent_tokens}), got {tuple(ids.shape)}")
+            return self.decode(ids)
+        if ids.ndim == 3 and ids.shape[1] == 1:
+            ids = ids[:, 0]
+        if ids.ndim != 2 or ids.shape[1] != c.num_latent_tokens:
+            raise UserError(f"expected token ids of shape (B, {c.num_latent_tokens}), got {tuple(ids.shape)}")
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise UserError(f"token ids must be an integer tensor, got {ids.dtype}")
+        if ids.numel() and (ids.min() < 0 or ids.max() >= c.codebook_size):
+            raise UserError(f"token ids must lie in [0, {c.codebook_size}), got range "
+                            f"[{int(ids.min())}, {int(ids.max())}]")
+        return self.decode(self.quantize.lookup(ids.long()))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Training entry: (reconstruction or proxy-code logits, quantizer losses and stats)."""
+        zq, result = self._encode(images)
+        return self.decode(zq), result
+
+    def load_pixel_decoder(self, vqgan: MaskGITVQGAN) -> None:
+        """Copy a MaskGIT-VQGAN's decoder and codebook into this two-stage model (before stage 2)."""
+        self.pixel_decoder.load_state_dict(vqgan.decoder.state_dict())
+        self.pixel_quantize.load_state_dict(vqgan.quantize.state_dict())
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Open a weights file: .safetensors through the reader above, anything else through
-    torch.load(weights_only=True), which only rebuilds tensors and plain containers."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        return read_safetensors(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors, truncated zip files, foreign formats
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: cannot read as a torch checkpoint ({first})") from None
+def _init_weights(m: nn.Module) -> None:
+    # The reference's `_init_weights`: truncated normal(0.02) for linear/conv weights, zero biases.
+    # (Attention's packed in_proj keeps its xavier init: in the reference it belongs to
+    # nn.MultiheadAttention, which is no nn.Linear; positions and tokens keep N(0, 1/width).)
+    if isinstance(m, (nn.Linear, nn.Conv2d)):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
 
 # ----------------------------------------------------------------------------------------------
-# 2. Configs. Modules take explicit arguments; only TiTok.__init__ reads a whole config.
+# 7. Configs. Modules take explicit arguments; only TiTok.__init__ reads a whole config.
 # ----------------------------------------------------------------------------------------------
 
 # The reference knows three ViT sizes (width, layers, heads); the MLP ratio is always 4.
@@ -237,473 +650,9 @@ def config_from_official(cfg: dict, vit_sizes: dict | None = None,
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. ViT pieces (pre-LN residual blocks as in CLIP/ViT; Dosovitskiy et al., 2021).
+# 8. Loading. Every load is strict: a key missing, extra or of another shape is an error that
+#    names the keys (and, for a tokenizer, the preset the weights look like).
 # ----------------------------------------------------------------------------------------------
-
-class Attention(nn.Module):
-    """Multi-head self-attention with one packed qkv projection (the key names of
-    torch.nn.MultiheadAttention, which the reference uses), computed by SDPA."""
-
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
-        self.out_proj = nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, L, W = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)          # (B, L, 3W)
-        q, k, v = qkv.view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)  # (B, h, L, d)
-        y = F.scaled_dot_product_attention(q, k, v)                        # (B, h, L, d)
-        return self.out_proj(y.transpose(1, 2).reshape(B, L, W))
-
-
-class MLP(nn.Module):
-    def __init__(self, width: int, ratio: int = 4):
-        super().__init__()
-        self.c_fc = nn.Linear(width, ratio * width)
-        self.c_proj = nn.Linear(ratio * width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x)))  # exact (erf) GELU, as the reference
-
-
-class Block(nn.Module):
-    """x + attn(LN(x)), then x + mlp(LN(x))."""
-
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(width)
-        self.attn = Attention(width, heads)
-        self.ln_2 = nn.LayerNorm(width)
-        self.mlp = MLP(width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-
-def _randn_param(*shape: int, scale: float) -> nn.Parameter:
-    return nn.Parameter(scale * torch.randn(*shape))
-
-
-# ----------------------------------------------------------------------------------------------
-# 4. Encoder (Sec. 3.2): patches and K latent tokens go through one ViT; keep the K latents.
-# ----------------------------------------------------------------------------------------------
-
-class TiTokEncoder(nn.Module):
-    def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int,
-                 num_latent_tokens: int, out_channels: int, legacy_reshape: bool):
-        super().__init__()
-        self.grid = image_size // patch_size
-        self.legacy_reshape = legacy_reshape
-        scale = width ** -0.5
-        self.patch_embed = nn.Conv2d(3, width, patch_size, stride=patch_size)  # one vector per patch
-        self.class_embedding = _randn_param(1, width, scale=scale)
-        self.positional_embedding = _randn_param(self.grid ** 2 + 1, width, scale=scale)
-        # Each latent token gets its own learned position, so the K outputs are ordered (1D).
-        self.latent_token_positional_embedding = _randn_param(num_latent_tokens, width, scale=scale)
-        self.ln_pre = nn.LayerNorm(width)
-        self.transformer = nn.ModuleList([Block(width, heads) for _ in range(layers)])
-        self.ln_post = nn.LayerNorm(width)
-        # 1x1 conv = a per-token linear map to the codebook dimension (x2 for a VAE's mean+logvar)
-        self.conv_out = nn.Conv2d(width, out_channels, 1)
-
-    def forward(self, images: torch.Tensor, latent_tokens: torch.Tensor) -> torch.Tensor:
-        B = images.shape[0]
-        x = self.patch_embed(images).flatten(2).transpose(1, 2)            # (B, g*g, W)
-        x = torch.cat([self.class_embedding.expand(B, 1, -1), x], dim=1)   # (B, 1+g*g, W)
-        x = x + self.positional_embedding
-        latents = latent_tokens + self.latent_token_positional_embedding   # (K, W)
-        x = torch.cat([x, latents.expand(B, -1, -1)], dim=1)               # (B, 1+g*g+K, W)
-        x = self.ln_pre(x)
-        for block in self.transformer:
-            x = block(x)
-        K, W = latents.shape
-        z = self.ln_post(x[:, -K:])                                        # (B, K, W)
-        if self.legacy_reshape:
-            # The quirk of the released two-stage checkpoints: a plain reshape of (B, K, W) memory to
-            # (B, W, K, 1). "Channel" w of "token" k is not feature w of token k; the 1x1 conv then
-            # mixes a scrambled layout. The weights were trained this way, so loading them needs it.
-            z = z.reshape(B, W, K, 1)
-        else:
-            z = z.transpose(1, 2).reshape(B, W, K, 1)                      # proper (B, W, K, 1)
-        z = self.conv_out(z)                                               # (B, C, K, 1)
-        return z.reshape(B, -1, 1, K)                                      # (B, C, 1, K)
-
-
-# ----------------------------------------------------------------------------------------------
-# 5. Quantisation: K continuous latents -> K ids (VQ, van den Oord et al., 2017) or a VAE sample.
-# ----------------------------------------------------------------------------------------------
-
-class VectorQuantizer(nn.Module):
-    """Nearest-codebook lookup. With `use_l2_norm` both the latents and the codebook rows are
-    l2-normalised first, so "nearest" means highest cosine similarity (as in ViT-VQGAN, Yu et al.
-    2022): it keeps all codes on the sphere and improves codebook usage (TiTok Sec. 4.1)."""
-
-    def __init__(self, codebook_size: int, token_size: int, commitment_cost: float = 0.25,
-                 use_l2_norm: bool = False):
-        super().__init__()
-        self.embedding = nn.Embedding(codebook_size, token_size)
-        self.commitment_cost = commitment_cost
-        self.use_l2_norm = use_l2_norm
-
-    def codebook(self) -> torch.Tensor:
-        w = self.embedding.weight                                          # (V, C)
-        return F.normalize(w, dim=-1) if self.use_l2_norm else w
-
-    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        """(B, K) ids -> (B, C, 1, K) codebook vectors."""
-        return self.codebook()[ids].permute(0, 2, 1).unsqueeze(2)
-
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        B, C, _, K = z.shape
-        z = z.float().permute(0, 2, 3, 1).reshape(B * K, C)                # (B*K, C), fp32 even under autocast
-        if self.use_l2_norm:
-            z = F.normalize(z, dim=-1)
-        e = self.codebook()
-        dist = z.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * z @ e.t()   # (B*K, V) squared L2
-        ids = dist.argmin(1)
-        zq = e[ids]                                                        # (B*K, C)
-        # Codebook loss pulls codes to encoder outputs; commitment keeps the encoder near its codes.
-        commitment = self.commitment_cost * F.mse_loss(z, zq.detach())
-        codebook = F.mse_loss(zq, z.detach())
-        zq = z + (zq - z).detach()  # straight-through estimator: copy gradients from zq to z
-        counts = torch.bincount(ids, minlength=e.shape[0]).float()
-        p = counts / counts.sum()
-        stats = dict(quantizer_loss=commitment + codebook, commitment_loss=commitment,
-                     codebook_loss=codebook, ids=ids.view(B, K),
-                     perplexity=torch.exp(-(p * torch.log(p.clamp_min(1e-10))).sum()),
-                     code_usage=(counts > 0).float().mean())
-        return zq.view(B, 1, K, C).permute(0, 3, 1, 2), stats              # (B, C, 1, K)
-
-
-def gaussian_posterior(z: torch.Tensor, generator: torch.Generator | None = None) -> dict:
-    """The VAE variant: channels [0:C] are the mean, [C:2C] the log-variance of a diagonal Gaussian
-    per token (Kingma & Welling, 2014). Returns the sample and the per-token KL to N(0, I)."""
-    mean, logvar = z.float().chunk(2, dim=1)                               # (B, C, 1, K) each
-    logvar = logvar.clamp(-30.0, 20.0)
-    std = torch.exp(0.5 * logvar)
-    # Noise is drawn on the CPU (then moved), like the reference, so seeds give the same samples.
-    noise = torch.randn(mean.shape, generator=generator).to(mean.device)
-    kl = 0.5 * (mean.pow(2) + std.pow(2) - 1.0 - logvar).sum(dim=(1, 2))   # (B, K)
-    return dict(sample=mean + std * noise, mean=mean, logvar=logvar, kl=kl)
-
-
-# ----------------------------------------------------------------------------------------------
-# 6. MaskGIT-VQGAN (Chang et al., 2022; a taming-style VQGAN without attention). Two-stage TiTok
-#    uses its encoder+quantizer as the teacher of "proxy codes" and its decoder as pixel decoder.
-# ----------------------------------------------------------------------------------------------
-
-def _conv(cin: int, cout: int, k: int, bias: bool = True) -> nn.Conv2d:
-    # The original is a TF port with "SAME" padding. For odd kernels at stride 1 (every conv here)
-    # that is plain symmetric padding k // 2, which lets PyTorch use its fastest conv path.
-    return nn.Conv2d(cin, cout, k, padding=k // 2, bias=bias)
-
-
-class ResBlock(nn.Module):
-    def __init__(self, cin: int, cout: int):
-        super().__init__()
-        self.norm1 = nn.GroupNorm(32, cin, eps=1e-6)
-        self.conv1 = _conv(cin, cout, 3, bias=False)
-        self.norm2 = nn.GroupNorm(32, cout, eps=1e-6)
-        self.conv2 = _conv(cout, cout, 3, bias=False)
-        self.nin_shortcut = _conv(cout, cout, 1, bias=False) if cin != cout else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        if self.nin_shortcut is not None:
-            # Quirk of MaskGIT-VQGAN: when channels change, the input skip is dropped and the 1x1
-            # conv is applied to the block's *output*: y = h + nin(h). The weights expect this.
-            return h + self.nin_shortcut(h)
-        return x + h
-
-
-class _Level(nn.Module):
-    """One resolution level: res blocks, then (decoder only) nearest x2 upsampling + 3x3 conv."""
-
-    def __init__(self, cin: int, cout: int, num_blocks: int, upsample: bool = False):
-        super().__init__()
-        self.block = nn.ModuleList([ResBlock(cin if i == 0 else cout, cout) for i in range(num_blocks)])
-        self.upsample_conv = _conv(cout, cout, 3) if upsample else None
-
-
-class VQGANEncoder(nn.Module):
-    def __init__(self, hidden_channels: int, channel_mult: tuple[int, ...], num_res_blocks: int,
-                 z_channels: int):
-        super().__init__()
-        ch = [hidden_channels * m for m in channel_mult]
-        self.conv_in = _conv(3, hidden_channels, 3, bias=False)
-        self.down = nn.ModuleList([_Level(([hidden_channels] + ch)[i], ch[i], num_res_blocks)
-                                   for i in range(len(ch))])
-        self.mid = nn.ModuleList([ResBlock(ch[-1], ch[-1]) for _ in range(num_res_blocks)])
-        self.norm_out = nn.GroupNorm(32, ch[-1], eps=1e-6)
-        self.conv_out = _conv(ch[-1], z_channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x.contiguous(memory_format=torch.channels_last))  # see VQGANDecoder.forward
-        for i, level in enumerate(self.down):
-            for block in level.block:
-                h = block(h)
-            if i < len(self.down) - 1:
-                h = F.avg_pool2d(h, 2)                                     # halve the resolution
-        for block in self.mid:
-            h = block(h)
-        return self.conv_out(F.silu(self.norm_out(h))).contiguous()        # (B, z, H/16, W/16)
-
-
-class VQGANDecoder(nn.Module):
-    def __init__(self, hidden_channels: int, channel_mult: tuple[int, ...], num_res_blocks: int,
-                 z_channels: int):
-        super().__init__()
-        ch = [hidden_channels * m for m in channel_mult]
-        n = len(ch)
-        self.conv_in = _conv(z_channels, ch[-1], 3)
-        self.mid = nn.ModuleList([ResBlock(ch[-1], ch[-1]) for _ in range(num_res_blocks)])
-        # `up[i]` works at resolution level i; they run from the coarsest (i = n-1) to the finest.
-        self.up = nn.ModuleList([_Level(ch[min(i + 1, n - 1)], ch[i], num_res_blocks, upsample=i > 0)
-                                 for i in range(n)])
-        self.norm_out = nn.GroupNorm(32, ch[0], eps=1e-6)
-        self.conv_out = _conv(ch[0], 3, 3)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        # channels-last ("NHWC") activations let oneDNN/cuDNN pick their fast conv kernels: on a
-        # 2-core CPU the 3x3 convs run ~2.5x faster than in NCHW, the layout stays through the net.
-        h = self.conv_in(z.contiguous(memory_format=torch.channels_last))
-        for block in self.mid:
-            h = block(h)
-        for level in reversed(self.up):
-            for block in level.block:
-                h = block(h)
-            if level.upsample_conv is not None:
-                h = level.upsample_conv(F.interpolate(h, scale_factor=2.0, mode="nearest"))
-        return self.conv_out(F.silu(self.norm_out(h))).contiguous()        # (B, 3, H, W), unclamped
-
-
-class Codebook(nn.Module):
-    """Holds a plain (not normalised) codebook under the reference key `<name>.embedding.weight`."""
-
-    def __init__(self, num_embeddings: int, dim: int):
-        super().__init__()
-        self.embedding = nn.Embedding(num_embeddings, dim)
-
-
-class MaskGITVQGAN(nn.Module):
-    """The released `maskgit-vqgan-imagenet-f16-256.bin` (keys encoder.*, decoder.*, quantize.*)."""
-
-    def __init__(self, cfg: VQGANConfig = VQGANConfig()):
-        super().__init__()
-        args = (cfg.hidden_channels, cfg.channel_mult, cfg.num_res_blocks, cfg.z_channels)
-        self.encoder = VQGANEncoder(*args)
-        self.decoder = VQGANDecoder(*args)
-        self.quantize = Codebook(cfg.num_embeddings, cfg.z_channels)
-
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> (B, h*w) code ids in raster order (the stage-1 targets)."""
-        z = self.encoder(images).float()                                   # (B, C, h, w)
-        z = z.permute(0, 2, 3, 1).flatten(0, 2)                            # (B*h*w, C)
-        e = self.quantize.embedding.weight.float()
-        dist = z.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * z @ e.t()
-        return dist.argmin(1).view(images.shape[0], -1)
-
-    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """(B, h*w) ids -> (B, 3, H, W) unclamped (the reference's decode also clamps to [0, 1])."""
-        B, L = codes.shape
-        g = math.isqrt(L)
-        z = self.quantize.embedding(codes).view(B, g, g, -1).permute(0, 3, 1, 2)
-        return self.decoder(z)
-
-
-# ----------------------------------------------------------------------------------------------
-# 7. Decoder (Sec. 3.2): K tokens + one mask token per patch -> ViT -> the patch positions.
-# ----------------------------------------------------------------------------------------------
-
-class DepthToSpace(nn.Module):
-    """(B, p*p*3, g, g) -> (B, 3, g*p, g*p); channel order (p1, p2, c) as the reference."""
-
-    def __init__(self, patch_size: int):
-        super().__init__()
-        self.p = patch_size
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, _, h, w = x.shape
-        p = self.p
-        x = x.view(B, p, p, 3, h, w).permute(0, 3, 4, 1, 5, 2)             # (B, 3, h, p, w, p)
-        return x.reshape(B, 3, h * p, w * p)
-
-
-class TiTokDecoder(nn.Module):
-    def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int,
-                 num_latent_tokens: int, token_size: int, num_proxy_codes: int | None):
-        super().__init__()
-        self.grid = image_size // patch_size
-        scale = width ** -0.5
-        self.decoder_embed = nn.Linear(token_size, width)
-        self.class_embedding = _randn_param(1, width, scale=scale)
-        self.positional_embedding = _randn_param(self.grid ** 2 + 1, width, scale=scale)
-        self.mask_token = _randn_param(1, 1, width, scale=scale)
-        self.latent_token_positional_embedding = _randn_param(num_latent_tokens, width, scale=scale)
-        self.ln_pre = nn.LayerNorm(width)
-        self.transformer = nn.ModuleList([Block(width, heads) for _ in range(layers)])
-        self.ln_post = nn.LayerNorm(width)
-        if num_proxy_codes:
-            # Two-stage head: per patch, logits over the MaskGIT-VQGAN codes (Sec. 3.3).
-            self.ffn = nn.Sequential(nn.Conv2d(width, 2 * width, 1), nn.Tanh(),
-                                     nn.Conv2d(2 * width, num_proxy_codes, 1))
-            self.conv_out = None
-        else:
-            # Single-stage head: each patch vector becomes p*p RGB pixels, then a 3x3 conv smooths
-            # the seams between patches.
-            self.ffn = nn.Sequential(nn.Conv2d(width, patch_size * patch_size * 3, 1),
-                                     DepthToSpace(patch_size))
-            self.conv_out = nn.Conv2d(3, 3, 3, padding=1)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        B, C, _, K = z.shape
-        x = self.decoder_embed(z.reshape(B, C, K).transpose(1, 2))        # (B, K, W)
-        x = x + self.latent_token_positional_embedding[:K]
-        G = self.grid ** 2
-        queries = torch.cat([self.class_embedding.expand(B, 1, -1),
-                             self.mask_token.expand(B, G, -1)], dim=1)    # (B, 1+G, W)
-        queries = queries + self.positional_embedding
-        x = torch.cat([queries, x], dim=1)                                 # (B, 1+G+K, W)
-        x = self.ln_pre(x)
-        for block in self.transformer:
-            x = block(x)
-        x = self.ln_post(x[:, 1:1 + G])                                    # (B, G, W): the patch positions
-        x = x.transpose(1, 2).reshape(B, -1, self.grid, self.grid)         # (B, W, g, g)
-        x = self.ffn(x)                              # (B, 1024, g, g) logits or (B, 3, H, W) pixels
-        return self.conv_out(x) if self.conv_out is not None else x
-
-
-# ----------------------------------------------------------------------------------------------
-# 8. The tokenizer.
-# ----------------------------------------------------------------------------------------------
-
-class TiTok(nn.Module):
-    def __init__(self, config: TiTokConfig):
-        super().__init__()
-        c = self.config = config
-        if c.image_size % c.patch_size:
-            raise UserError(f"image_size {c.image_size} is not a multiple of patch_size {c.patch_size}")
-        if c.quantize_mode not in ("vq", "vae"):
-            raise UserError(f"quantize_mode must be 'vq' or 'vae', got {c.quantize_mode!r}")
-        if c.pixel_decoder and not c.proxy_head:
-            raise UserError("pixel_decoder=True needs proxy_head=True (it decodes the proxy-code logits)")
-        vae = c.quantize_mode == "vae"
-        # The K learnable latent tokens (Sec. 3.2): the same for every image; attention writes the
-        # image into them.
-        self.latent_tokens = _randn_param(c.num_latent_tokens, c.enc_width, scale=c.enc_width ** -0.5)
-        self.encoder = TiTokEncoder(c.image_size, c.patch_size, c.enc_width, c.enc_layers, c.enc_heads,
-                                    c.num_latent_tokens, 2 * c.token_size if vae else c.token_size,
-                                    c.legacy_reshape)
-        self.quantize = None if vae else VectorQuantizer(c.codebook_size, c.token_size,
-                                                         c.commitment_cost, c.use_l2_norm)
-        self.decoder = TiTokDecoder(c.image_size, c.patch_size, c.dec_width, c.dec_layers, c.dec_heads,
-                                    c.num_latent_tokens, c.token_size,
-                                    c.vqgan.num_embeddings if c.proxy_head else None)
-        if c.pixel_decoder:
-            v = c.vqgan
-            self.pixel_quantize = Codebook(v.num_embeddings, v.z_channels)
-            self.pixel_decoder = VQGANDecoder(v.hidden_channels, v.channel_mult, v.num_res_blocks,
-                                              v.z_channels)
-        self.apply(_init_weights)
-
-    # -- encoding ---------------------------------------------------------------------------------
-    def _check_images(self, images: torch.Tensor) -> None:
-        s = self.config.image_size
-        if images.ndim != 4 or images.shape[1] != 3 or images.shape[2:] != (s, s):
-            raise UserError(f"expected images of shape (B, 3, {s}, {s}), got {tuple(images.shape)}")
-
-    def encoder_latents(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> (B, C, 1, K) continuous latents (2C channels for a VAE)."""
-        self._check_images(images)
-        return self.encoder(images, self.latent_tokens)
-
-    def quantize_latents(self, z: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        if self.quantize is not None:
-            return self.quantize(z)
-        post = gaussian_posterior(z)
-        return post["sample"], post
-
-    def _encode(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        if self.config.pixel_decoder:
-            # Two-stage model (stage 2 / released weights): encoder, quantizer and latent tokens
-            # are frozen, exactly like the reference's `finetune_decoder` path (Sec. 3.3).
-            with torch.no_grad():
-                zq, result = self.quantize_latents(self.encoder_latents(images))
-            zero = torch.zeros((), device=zq.device)
-            result.update(quantizer_loss=zero, commitment_loss=zero, codebook_loss=zero)
-            return zq, result
-        return self.quantize_latents(self.encoder_latents(images))
-
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> (B, K) int64 token ids; for a VAE, (B, C, 1, K) samples."""
-        zq, result = self._encode(images)
-        return zq if self.quantize is None else result["ids"]
-
-    # -- decoding ---------------------------------------------------------------------------------
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, C, 1, K) latents -> pixels (B, 3, H, W), unclamped; stage-1 models return the
-        (B, 1024, g, g) proxy-code logits."""
-        out = self.decoder(z)
-        if self.config.pixel_decoder:
-            # "Soft" codes: the softmax over the 1024 proxy codes weights the VQGAN codebook, so the
-            # decoder stays differentiable (Sec. 3.3).
-            probs = out.float().softmax(dim=1)                             # (B, 1024, g, g)
-            z = torch.einsum("nchw,cd->ndhw", probs, self.pixel_quantize.embedding.weight.float())
-            out = self.pixel_decoder(z.to(out.dtype))                      # (B, 3, 16g, 16g)
-        return out
-
-    def decode_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        """(B, K) token ids (or (B, 1, K)) -> images (B, 3, H, W), unclamped. For a VAE, pass the
-        (B, C, 1, K) latents."""
-        c = self.config
-        if self.quantize is None:
-            if ids.ndim != 4 or ids.shape[1:] != (c.token_size, 1, c.num_latent_tokens):
-                raise UserError(f"expected VAE latents of shape (B, {c.token_size}, 1, "
-                                f"{c.num_latent_tokens}), got {tuple(ids.shape)}")
-            return self.decode(ids)
-        if ids.ndim == 3 and ids.shape[1] == 1:
-            ids = ids[:, 0]
-        if ids.ndim != 2 or ids.shape[1] != c.num_latent_tokens:
-            raise UserError(f"expected token ids of shape (B, {c.num_latent_tokens}), got {tuple(ids.shape)}")
-        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-            raise UserError(f"token ids must be an integer tensor, got {ids.dtype}")
-        if ids.numel() and (ids.min() < 0 or ids.max() >= c.codebook_size):
-            raise UserError(f"token ids must lie in [0, {c.codebook_size}), got range "
-                            f"[{int(ids.min())}, {int(ids.max())}]")
-        return self.decode(self.quantize.lookup(ids.long()))
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Training entry: (reconstruction or proxy-code logits, quantizer losses and stats)."""
-        zq, result = self._encode(images)
-        return self.decode(zq), result
-
-    def load_pixel_decoder(self, vqgan: MaskGITVQGAN) -> None:
-        """Copy a MaskGIT-VQGAN's decoder and codebook into this two-stage model (before stage 2)."""
-        self.pixel_decoder.load_state_dict(vqgan.decoder.state_dict())
-        self.pixel_quantize.load_state_dict(vqgan.quantize.state_dict())
-
-
-def _init_weights(m: nn.Module) -> None:
-    # Reference initialisation: truncated normal(0.02) for linear/conv weights, zero biases.
-    if isinstance(m, (nn.Linear, nn.Conv2d)):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, Attention):
-        nn.init.trunc_normal_(m.in_proj_weight, std=0.02)
-        nn.init.zeros_(m.in_proj_bias)
-    elif isinstance(m, nn.Embedding):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-
-
-# -- loading ---------------------------------------------------------------------------------------
 
 def _shapes(sd: dict) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in sd.items()}
@@ -713,12 +662,15 @@ def _few(keys: list, n: int = 4) -> str:
     return ", ".join(map(str, keys[:n])) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
-def guess_preset(state_dict: dict) -> str | None:
-    """Name of the preset whose keys and shapes match `state_dict` exactly (built on `meta`)."""
+def guess_preset(state_dict: dict, presets: dict | None = None, build=None) -> str | None:
+    """Name of the preset whose model has exactly the keys and shapes of `state_dict` (built on the
+    `meta` device: no memory, no time). Defaults to the tokenizer presets; generator.py passes its
+    own presets and builder."""
+    presets, build = presets or PRESETS, build or TiTok
     want = _shapes(state_dict)
-    for name, cfg in PRESETS.items():
+    for name, cfg in presets.items():
         with torch.device("meta"):
-            if _shapes(TiTok(cfg).state_dict()) == want:
+            if _shapes(build(cfg).state_dict()) == want:
                 return name
     return None
 
@@ -741,6 +693,17 @@ def load_official_weights(model: nn.Module, state_dict: dict) -> None:
     model.load_state_dict(state_dict, strict=True)
 
 
+def checkpoint_weights(ckpt: dict, kind: str, path: str | os.PathLike) -> tuple[dict, dict]:
+    """(config dict, weights) of one of our own checkpoints ({"kind", "config", "model", "ema"...}).
+    The EMA weights are preferred: they are what a finished run is evaluated with."""
+    if ckpt.get("kind") != kind:
+        raise UserError(f"{path} is a {ckpt.get('kind')!r} checkpoint, not a {kind}")
+    try:
+        return ckpt["config"], (ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{path}: malformed {kind} checkpoint (no {e})") from None
+
+
 def load_tokenizer(path: str | os.PathLike, preset: str | None = None) -> TiTok:
     """Open a tokenizer: an HF snapshot folder (config.json + model.safetensors / pytorch_model.bin),
     an official .safetensors / .bin file (give `preset`, or it is guessed from the shapes), or one
@@ -748,22 +711,19 @@ def load_tokenizer(path: str | os.PathLike, preset: str | None = None) -> TiTok:
     path = Path(path)
     if preset is not None and preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    cfg = PRESETS[preset] if preset else None
     if path.is_dir():
         weights = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()), None)
         if weights is None:
             raise UserError(f"{path}: folder has no model.safetensors or pytorch_model.bin")
         sd = read_checkpoint(weights)
-        cfg = PRESETS[preset] if preset else None
         if cfg is None and (path / "config.json").is_file():
             cfg = config_from_official(json.loads((path / "config.json").read_text()))
     else:
         sd = read_checkpoint(path)
-        cfg = PRESETS[preset] if preset else None
         if isinstance(sd, dict) and "kind" in sd:  # one of our own checkpoints
-            if sd["kind"] != "tokenizer":
-                raise UserError(f"{path} is a {sd['kind']} checkpoint, not a tokenizer")
-            cfg = config_from_dict(sd["config"])
-            sd = sd["ema"] if sd.get("ema") is not None else sd["model"]
+            config, sd = checkpoint_weights(sd, "tokenizer", path)
+            cfg = config_from_dict(config)
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise UserError(f"{path}: not a tokenizer state dict")
     if cfg is None:
@@ -777,35 +737,225 @@ def load_tokenizer(path: str | os.PathLike, preset: str | None = None) -> TiTok:
 
 
 # ----------------------------------------------------------------------------------------------
-# 9. Command line: reconstruct / encode images, benchmark.
+# 9. Command line: reconstruct or encode image files.
+#    python tokenizer.py reconstruct --ckpt out/tok/tokenizer.pt photo.jpg --out recon/
 # ----------------------------------------------------------------------------------------------
 
-def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
-    """Official preprocessing: resize the shorter side to `size` (bicubic), centre crop.
-    Returns (3, size, size) float in [0, 1]."""
-    from PIL import Image
-    import numpy as np
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="TiTok tokenizer: reconstruct or encode image files.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_ in (("reconstruct", "encode + decode images; write reconstructions and side-by-sides"),
+                        ("encode", "write the token ids of images to a .npy file")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("--ckpt", required=True, help="HF snapshot folder, .safetensors/.bin, or our checkpoint")
+        s.add_argument("--preset", choices=list(PRESETS), help="architecture when the file has no config")
+        s.add_argument("images", nargs="+", help="image files (any size: resized + centre-cropped)")
+        s.add_argument("--out", required=True, help="output folder" if name == "reconstruct" else "output .npy")
+        s.add_argument("--device", type=device_arg, default=None, help="cpu, cuda, cuda:N (default: cuda if any)")
+        s.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+        s.add_argument("--batch-size", type=positive_int, default=8)
+    args = p.parse_args(argv)
+    try:
+        device = args.device or default_device()
+        tok = load_tokenizer(args.ckpt, args.preset).to(device)
+        size, all_ids = tok.config.image_size, []
+        out = Path(args.out)
+        if args.command == "encode":
+            if tok.quantize is None:
+                raise UserError("encode writes token ids; this is a VAE tokenizer (continuous latents)")
+            out = out if out.suffix == ".npy" else out.with_name(out.name + ".npy")  # as np.save names it
+        else:
+            stems = [Path(f).stem for f in args.images]
+            if len(set(stems)) < len(stems):
+                raise UserError("two images share a file name stem; their outputs would overwrite each other")
+            out.mkdir(parents=True, exist_ok=True)
+        from tqdm import tqdm
+        for i in tqdm(range(0, len(args.images), args.batch_size), desc=args.command,
+                      disable=len(args.images) <= args.batch_size):
+            paths = args.images[i:i + args.batch_size]
+            x = torch.stack([load_image(f, size) for f in paths]).to(device)
+            with torch.no_grad(), autocast(device, args.dtype):
+                ids = tok.encode(x)                                        # (B, K)
+                if args.command == "encode":
+                    all_ids.append(ids.cpu())
+                    continue
+                recon = tok.decode_tokens(ids).float().clamp(0, 1)         # (B, 3, H, W)
+            for f, xi, ri in zip(paths, x, recon):
+                save_image(ri, out / f"{Path(f).stem}_recon.png")
+                save_image(torch.cat([xi, ri], dim=2), out / f"{Path(f).stem}_side_by_side.png")
+                print(f"{f}: PSNR {psnr(xi, ri):.2f} dB")
+        if args.command == "encode":
+            arr = torch.cat(all_ids).numpy().astype(np.int64)
+            np.save(out, arr)
+            print(f"wrote {arr.shape} token ids to {out}")
+        else:
+            print(f"wrote reconstructions to {out}/")
+    except UserError as e:
+        sys.exit(f"error: {e}")
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. Appendix: helpers every stage imports, so each idea is written once.
+# ----------------------------------------------------------------------------------------------
+
+class UserError(ValueError):
+    """Bad input (a missing file, a wrong checkpoint, out-of-range ids...). CLIs print the message as
+    one line and exit with status 1 instead of showing a traceback."""
+
+
+# -- argparse types: a bad flag value is one line from argparse, before any work starts ----------
+
+def positive_int(s: str) -> int:
+    v = int(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return v
+
+
+def float_in(lo: float, hi: float):
+    """An argparse type: a finite float in [lo, hi] (nan, inf and out-of-range values are refused)."""
+    def parse(s: str) -> float:
+        v = float(s)
+        if not (math.isfinite(v) and lo <= v <= hi):
+            raise argparse.ArgumentTypeError(f"must be a finite number in [{lo:g}, {hi:g}], got {s}")
+        return v
+    parse.__name__ = "number"  # what argparse calls it in "invalid number value"
+    return parse
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_arg(s: str) -> torch.device:
+    try:
+        device = torch.device(s)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {s!r} (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{s}: CUDA is not available on this machine")
+    return device
+
+
+# -- weight files -------------------------------------------------------------------------------
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a .safetensors file: an 8-byte little-endian header length n, n bytes of JSON
+    {name: {dtype, shape, data_offsets: [begin, end]}} (plus an optional "__metadata__"), then the
+    raw little-endian tensor bytes, offsets counted from the end of the header."""
+    path = Path(path)
+    buf = bytearray(path.read_bytes())  # one copy of the file; the tensors below are views into it
+    try:
+        n = int.from_bytes(buf[:8], "little")
+        if len(buf) < 8 or 8 + n > len(buf):
+            raise ValueError("header length points past the end of the file")
+        header = json.loads(bytes(buf[8:8 + n]))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        out = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype, shape, (begin, end) = _SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+            if not all(isinstance(v, int) and v >= 0 for v in [*shape, begin, end]):
+                raise ValueError(f"tensor {name!r} has a negative or non-integer shape or offset")
+            count = math.prod(shape)
+            if end - begin != count * dtype.itemsize or 8 + n + end > len(buf):
+                raise ValueError(f"tensor {name!r} has inconsistent offsets")
+            t = torch.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + begin) if count else \
+                torch.empty(0, dtype=dtype)
+            out[name] = t.reshape(shape)
+        return out
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{path}: not a valid .safetensors file ({e})") from None
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Open a weights file: .safetensors through the reader above, anything else through
+    torch.load(weights_only=True), which only rebuilds tensors and plain containers (no pickled
+    code ever runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, truncated zip files, foreign formats
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: cannot read as a torch checkpoint ({first})") from None
+
+
+# -- images -------------------------------------------------------------------------------------
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
+
+
+def open_rgb(path: str | os.PathLike) -> Image.Image:
+    """Any image file -> 8-bit RGB. PIL's convert("RGB") would clip 16-bit and 32-bit greyscale
+    (modes I;16, I) to white and drop alpha onto black, so: 16/32-bit values are scaled to 8 bits
+    (x / 257), float images (mode F) are read as [0, 1], and transparency is composited on white."""
     try:
         with Image.open(path) as im:
             im.load()  # decode now, so truncated files fail here with a clear message
-            im = im.convert("RGB")
+            if im.mode.startswith("I"):
+                a = np.asarray(im, dtype=np.float64) / 257.0
+                im = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8))
+            elif im.mode == "F":
+                im = Image.fromarray(np.clip(np.round(np.asarray(im) * 255.0), 0, 255).astype(np.uint8))
+            if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+                im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
+            return im.convert("RGB")
     except FileNotFoundError:
         raise UserError(f"image not found: {path}") from None
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(f"{path}: not a readable image ({e})") from None
-    w, h = im.size
-    s = size / min(w, h)
-    im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-    left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
-    im = im.crop((left, top, left + size, top + size))
-    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255.0
+
+
+def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
+    """Shorter side to `size`, bicubic with antialiasing, the long side truncated to an int: what
+    torchvision's Resize(size, BICUBIC) does to a PIL image (the reference's preprocessing)."""
+    w, h = img.size
+    new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    return img if new == (w, h) else img.resize(new, Image.BICUBIC)
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """The evaluation transform of TiTok (Resize + CenterCrop, torchvision's rounding): used by
+    training's held-out images, `reconstruct` and rFID alike."""
+    img = resize_shorter_side(img, size)
+    left, top = int(round((img.size[0] - size) / 2)), int(round((img.size[1] - size) / 2))
+    return img.crop((left, top, left + size, top + size))
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB -> (3, H, W) uint8."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
+    """An image file -> (3, size, size) float in [0, 1], preprocessed as for evaluation."""
+    return to_tensor(resize_center_crop(open_rgb(path), size)).float() / 255.0
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Decoder output in [0, 1] (unclamped) -> uint8, clamped and rounded as TiTok's evaluation."""
+    return (x.float().clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def save_image(x: torch.Tensor, path: str | os.PathLike) -> None:
-    """(3, H, W) in [0, 1] -> PNG (clamped and rounded to uint8)."""
-    from PIL import Image
-    arr = (x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    Image.fromarray(arr).save(path)
+    """(3, H, W) in [0, 1] -> PNG."""
+    try:
+        Image.fromarray(to_uint8(x).permute(1, 2, 0).cpu().numpy()).save(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot write {path} ({e})") from None
 
 
 def image_grid(images: torch.Tensor, nrow: int, min_size: int = 128) -> torch.Tensor:
@@ -822,157 +972,55 @@ def image_grid(images: torch.Tensor, nrow: int, min_size: int = 128) -> torch.Te
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of images in [0, 1]."""
+    """PSNR in dB of images in [0, 1] (the MSE over the whole batch)."""
     mse = F.mse_loss(a.float(), b.float()).item()
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
-def record_results(path: str | os.PathLike, section: str, values: dict) -> None:
-    """Put `values` under `section` of a JSON results file, keeping the other sections. The main job
-    (main.sh) has every stage add its numbers to one out/results.json this way. Atomic (temp file +
-    rename), so an interrupted stage never leaves half a file."""
-    path = Path(path)
-    results = json.loads(path.read_text()) if path.is_file() else {}
-    results[section] = values
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    os.replace(tmp, path)
+# -- mixed precision and torchrun ---------------------------------------------------------------
 
-
-def _autocast(device: torch.device, dtype: str):
+def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast for dtype "bf16", nothing for "fp32". Discrete decisions (the quantizer's
+    nearest code, the generator's sampling) switch it off again where they are made."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
 
-def _batches(items: list, n: int):
-    for i in range(0, len(items), n):
-        yield items[i:i + n]
+class Dist(NamedTuple):
+    """Where this process sits in the job. `torchrun` sets RANK / WORLD_SIZE / LOCAL_RANK."""
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
 
-def cmd_reconstruct(args: argparse.Namespace, tok: TiTok, device: torch.device) -> None:
-    from tqdm import tqdm
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    size = tok.config.image_size
-    for paths in tqdm(list(_batches(args.images, args.batch_size)), desc="reconstruct",
-                      disable=len(args.images) <= args.batch_size):
-        x = torch.stack([load_image(p, size) for p in paths]).to(device)
-        with torch.no_grad(), _autocast(device, args.dtype):
-            tokens = tok.encode(x)
-            recon = tok.decode_tokens(tokens).float().clamp(0, 1)
-        for p, xi, ri, ti in zip(paths, x, recon, tokens):
-            stem = Path(p).stem
-            save_image(ri, out / f"{stem}_recon.png")
-            save_image(torch.cat([xi, ri], dim=2), out / f"{stem}_side_by_side.png")
-            if tok.quantize is not None:
-                ids = ti.tolist()
-                print(f"{p}: {len(set(ids))}/{len(ids)} distinct tokens, PSNR {psnr(xi, ri):.2f} dB, ids {ids}")
-            else:
-                print(f"{p}: VAE latents {tuple(ti.shape)}, PSNR {psnr(xi, ri):.2f} dB")
-    print(f"wrote reconstructions to {out}/")
-
-
-def cmd_encode(args: argparse.Namespace, tok: TiTok, device: torch.device) -> None:
-    import numpy as np
-    from tqdm import tqdm
-    if tok.quantize is None:
-        raise UserError("encode writes token ids; this is a VAE tokenizer (continuous latents)")
-    size, ids = tok.config.image_size, []
-    for paths in tqdm(list(_batches(args.images, args.batch_size)), desc="encode"):
-        x = torch.stack([load_image(p, size) for p in paths]).to(device)
-        with torch.no_grad(), _autocast(device, args.dtype):
-            ids.append(tok.encode(x).cpu())
-    arr = torch.cat(ids).numpy().astype(np.int64)
-    np.save(args.out, arr)
-    print(f"wrote {arr.shape} token ids to {args.out}")
-
-
-def _timeit(fn, repeats: int) -> float:
-    fn()  # warm-up (allocations, oneDNN kernel selection)
-    t = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - t) / repeats
-
-
-def _flops(fn) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
-def matmul_gflops(dtype: torch.dtype = torch.float32, n: int = 2048) -> float:
-    """Measured dense matmul throughput of this machine (the roofline for the transformer parts)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return 2 * n ** 3 / _timeit(lambda: a @ b, 5) / 1e9
-
-
-# The official implementation on the same 2-core machine, fp32, batch 8 (seconds per batch; issue #2).
-OFFICIAL_SECONDS = {"titok_s128": {"encode": 0.94, "decode (pixel)": 5.6, "decode (total)": 6.5},
-                    "titok_l32": {"encode": 7.7, "decode (total)": 13.2}}
-
-
-def cmd_benchmark(args: argparse.Namespace) -> None:
-    torch.manual_seed(0)
-    tok = TiTok(PRESETS[args.preset]).eval()
-    if not tok.config.pixel_decoder:
-        raise UserError("benchmark the two-stage presets (titok_s128, titok_b64, titok_l32)")
-    c = tok.config
-    x = torch.rand(args.batch_size, 3, c.image_size, c.image_size)
-    ids = torch.randint(0, c.codebook_size, (args.batch_size, c.num_latent_tokens))
-    with torch.no_grad():
-        z = tok.quantize.lookup(ids)
-        probs = tok.decoder(z).softmax(1)
-        soft = torch.einsum("nchw,cd->ndhw", probs, tok.pixel_quantize.embedding.weight)
-        ref = tok.decode_tokens(ids).clamp(0, 1)
-    parts = {"encode": lambda: tok.encode(x), "decode (ViT)": lambda: tok.decoder(z),
-             "decode (pixel)": lambda: tok.pixel_decoder(soft), "decode (total)": lambda: tok.decode_tokens(ids)}
-    peak = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
-    print(f"{args.preset}, batch {args.batch_size}, {torch.get_num_threads()} threads; measured matmul "
-          f"peak: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s")
-    print("| part | dtype | s/batch | img/s | GFLOP/s | official fp32 s/batch | speed-up |")
-    print("|---|---|---|---|---|---|---|")
-    official = OFFICIAL_SECONDS.get(args.preset, {}) if args.batch_size == 8 else {}
-    for dtype in ("fp32", "bf16"):
-        for name, fn in parts.items():
-            with torch.no_grad(), _autocast(torch.device("cpu"), dtype):
-                flops = _flops(fn)
-                sec = _timeit(fn, args.repeats)
-            ref_s = official.get(name)
-            extra = f"{ref_s:.2f} | {ref_s / sec:.2f}x" if ref_s else "- | -"
-            print(f"| {name} | {dtype} | {sec:.3f} | {args.batch_size / sec:.2f} | {flops / sec / 1e9:.0f} | {extra} |")
-    with torch.no_grad(), _autocast(torch.device("cpu"), "bf16"):
-        low = tok.decode_tokens(ids).float().clamp(0, 1)
-    print(f"bf16 vs fp32 decoded images: PSNR {psnr(low, ref):.1f} dB")
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="TiTok tokenizer: reconstruct or encode images, or benchmark.")
-    sub = p.add_subparsers(dest="command", required=True)
-    for name, help_ in (("reconstruct", "encode + decode images; write reconstructions and side-by-sides"),
-                        ("encode", "write the token ids of images to a .npy file")):
-        s = sub.add_parser(name, help=help_)
-        s.add_argument("--ckpt", required=True, help="HF snapshot folder, .safetensors/.bin, or our checkpoint")
-        s.add_argument("--preset", choices=list(PRESETS), help="architecture when the file has no config")
-        s.add_argument("images", nargs="+", help="image files (any size: resized + centre-cropped)")
-        s.add_argument("--out", required=True, help="output folder" if name == "reconstruct" else "output .npy")
-        s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        s.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-        s.add_argument("--batch-size", type=int, default=8)
-    b = sub.add_parser("benchmark", help="encode/decode speed with random weights, fp32 and bf16")
-    b.add_argument("--preset", default="titok_s128", choices=list(PRESETS))
-    b.add_argument("--batch-size", type=int, default=8)
-    b.add_argument("--repeats", type=int, default=2)
-    args = p.parse_args(argv)
+@contextlib.contextmanager
+def distributed(device: torch.device | None = None, timeout_hours: float = 0.5):
+    """Join the torchrun process group for the length of a `with` block (NCCL on GPUs, gloo on
+    CPUs; one GPU per process); a plain `python` run is a world of one. The group is destroyed when
+    the block ends, also on an error, so the other ranks are not left waiting."""
+    device = device or default_device()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
+                                timeout=timedelta(hours=timeout_hours))
     try:
-        if args.command == "benchmark":
-            return cmd_benchmark(args)
-        device = torch.device(args.device)
-        tok = load_tokenizer(args.ckpt, args.preset).to(device)
-        {"reconstruct": cmd_reconstruct, "encode": cmd_encode}[args.command](args, tok, device)
-    except UserError as e:
-        sys.exit(f"error: {e}")
+        yield Dist(rank, world, local, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 if __name__ == "__main__":

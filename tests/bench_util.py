@@ -1,0 +1,30 @@
+"""The timing helper every `tests/bench_*.py` shares (benchmarks are run by hand, never by pytest):
+wall time after a warm-up, FLOPs counted by torch, and this machine's dense-matmul peak, so each
+table can say how close to the hardware limit a part runs."""
+import time
+
+import torch
+
+
+def timeit(fn, repeats: int = 2) -> float:
+    """Seconds per call of fn(), after one warm-up call (allocations, kernel selection)."""
+    fn()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t) / repeats
+
+
+def flops(fn) -> float:
+    """Floating-point operations of one call of fn(), as torch's FlopCounterMode counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, device: str = "cpu") -> float:
+    """Measured dense matmul throughput (GFLOP/s): the roofline of the transformer parts."""
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    return 2 * n ** 3 / timeit(lambda: (a @ b, sync()), 5) / 1e9
