@@ -1,23 +1,18 @@
 """MaskGIT generation over TiTok tokens (Yu et al., 2024, arXiv 2406.07550, Section 3.4).
 
-TiTok turns an image into K discrete tokens (K = 32 for TiTok-L-32). A class-conditional image
-generator then only has to model K ids over a codebook. TiTok uses MaskGIT (Chang et al., 2022,
-"MaskGIT: Masked Generative Image Transformer") for that:
+TiTok turns an image into N discrete tokens (N = 32 for TiTok-L-32), so a class-conditional image
+generator only has to model N ids over a codebook of K codes. TiTok uses MaskGIT (Chang et al., 2022):
+* Training (MaskGIT Sec. 3.1): replace a scheduled fraction of the ids by a [MASK] id and train a
+  bidirectional transformer to predict the originals (label-smoothed cross-entropy).
+* Sampling (Sec. 3.2): start from all-[MASK], predict every position, keep the most confident
+  predictions and re-mask the rest as the schedule says (Sec. 3.3): ~8 forward passes instead of N.
+* Classifier-free guidance (Ho & Salimans, 2022): training sometimes replaces the class by a "null"
+  class; sampling extrapolates conditional logits away from unconditional ones.
 
-* Training (MaskGIT Sec. 3.1): pick a mask ratio from a schedule, replace that fraction of the ids
-  by a [MASK] id, and train a bidirectional transformer to predict the originals (cross-entropy,
-  here with label smoothing and a small weight on the unmasked positions).
-* Sampling (MaskGIT Sec. 3.2): start from all-[MASK], predict every position, keep the most
-  confident predictions and re-mask the rest; the number re-masked follows the schedule (Sec. 3.3),
-  so a whole image takes ~8 forward passes instead of K.
-* Classifier-free guidance (Ho & Salimans, 2022): the class token is sometimes replaced by a "null"
-  class during training, and sampling extrapolates conditional logits away from unconditional ones.
-
-The two transformers of the released TiTok generators are written out below:
-ImageBert (a BERT encoder, Devlin et al. 2019; used for TiTok-L-32 and B-64) and UViTBert
-(a U-ViT, Bao et al. 2023; used for TiTok-S-128). Parameter names follow the released checkpoints
-exactly, so `generator_titok_*.bin` loads with strict=True. Everything is checked against fixtures
-from the official code in ../shared/parity (see its README for the reference's quirks).
+Read top to bottom: 1. training pieces, 2. sampling (`generate`), 3. what both transformers share
+(token space, bf16 matmuls, attention), 4. ImageBert (a BERT encoder, Devlin et al. 2019; TiTok-L-32
+and B-64), 5. UViTBert (a U-ViT, Bao et al. 2023; TiTok-S-128), 6. configs and presets, 7. loading
+(strict: the released parameter names). The tests check logits, samples and losses against the official code.
 
 The token space seen by both transformers, with K = codebook size and C = number of classes:
     [0, K)          image-token ids from the TiTok codebook
@@ -32,28 +27,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer import (UserError, checkpoint_weights, guess_preset, load_official_weights,  # noqa: F401
-                       read_checkpoint)
-
+from tokenizer import UserError, checkpoint_weights, guess_preset, load_official_weights, read_checkpoint
 
 
 # ----------------------------------------------------------------------------------------------
 # 1. Training (MaskGIT Sec. 3.1): mask schedule, random masking, label dropout, the loss
-# ----------------------------------------------------------------------------------------------
 
 def mask_ratio(progress, schedule: str = "arccos"):
-    """The mask scheduling function gamma(r) of MaskGIT Sec. 3.3: the fraction of tokens still
-    masked at progress r in [0, 1] (gamma(0) = 1, gamma(1) = 0). TiTok uses arccos, the inverse
-    function of MaskGIT's cosine: it fixes tokens faster in the first steps and more slowly in the
-    last ones. Works on tensors (training, float32) and on Python floats (sampling, float64, as the
-    reference computes it with numpy)."""
+    """gamma(r) of MaskGIT Sec. 3.3: the fraction still masked at progress r in [0, 1] (1 -> 0). TiTok's
+    arccos, the inverse of MaskGIT's cosine, fixes tokens faster early and more slowly late. Tensors
+    (training, float32) or Python floats (sampling, float64 like the reference's numpy)."""
     lib = torch if isinstance(progress, torch.Tensor) else math
     if schedule == "arccos":
         return lib.acos(progress) / (math.pi / 2)
@@ -65,8 +54,7 @@ def mask_ratio(progress, schedule: str = "arccos"):
 
 
 def _rand(shape, generator: torch.Generator | None, device) -> torch.Tensor:
-    """U[0,1) float32 noise from `generator` (or the global RNG of `device` when None), moved to
-    `device`. Every random draw goes through here so the stream order is easy to audit."""
+    """U[0,1) float32 from `generator` (else `device`'s global RNG), on `device`: every draw, in order."""
     source = generator.device if generator is not None else device
     return torch.rand(shape, generator=generator, device=source).to(device)
 
@@ -77,19 +65,17 @@ def mask_tokens(ids: torch.Tensor, schedule: str = "arccos", *, mask_id: int,
     random positions (at least one). Returns (input_ids with mask_id at masked positions, mask)."""
     B, N = ids.shape
     r = _rand((B,), generator, ids.device)                           # RNG draw 1: progress per sample
-    ratio = mask_ratio(r, schedule).clamp(1e-6, 1.0)
-    num_masked = (N * ratio).round().clamp(min=1)                    # (B,)
-    # RNG draw 2: a random permutation per row. Position j is masked when the permutation's value
+    num_masked = (N * mask_ratio(r, schedule).clamp(1e-6, 1.0)).round().clamp(min=1)  # (B,)
+    # RNG draw 2: a random permutation per row; position j is masked when the permutation's value
     # at j is below num_masked: exactly num_masked positions, uniformly chosen (as the reference).
-    perm = _rand((B, N), generator, ids.device).argsort(dim=-1)     # (B, N)
-    mask = perm < num_masked[:, None]
+    mask = _rand((B, N), generator, ids.device).argsort(dim=-1) < num_masked[:, None]  # (B, N)
     return torch.where(mask, mask_id, ids), mask
 
 
 def drop_labels(class_labels: torch.Tensor, drop_prob: float, null_label: int,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Classifier-free guidance training: each label becomes the null label with prob drop_prob.
-    One U(0,1) draw per label, like the reference forward()."""
+    """Classifier-free guidance training: each label becomes null_label with probability drop_prob
+    (one U(0,1) draw per label, as the reference)."""
     drop = _rand(class_labels.shape, generator, class_labels.device) < drop_prob
     return torch.where(drop, null_label, class_labels)
 
@@ -97,35 +83,30 @@ def drop_labels(class_labels: torch.Tensor, drop_prob: float, null_label: int,
 def masked_token_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                       label_smoothing: float = 0.1, unmasked_weight: float = 0.1
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """MaskGIT's loss (Eq. 1) as TiTok trains it: label-smoothed cross-entropy on every position,
-    weight 1 on masked and `unmasked_weight` on unmasked ones (the model still learns to copy
-    visible tokens), normalised by the total weight.
-    logits (B, N, K), targets (B, N), mask (B, N) bool -> (loss, accuracy on masked tokens)."""
+    """MaskGIT's loss (Eq. 1) as TiTok trains it: label-smoothed cross-entropy, weight 1 on masked and
+    `unmasked_weight` on unmasked positions (the model still learns to copy visible tokens), over the
+    total weight. logits (B, N, K), targets (B, N), mask (B, N) bool -> (loss, masked accuracy)."""
     ce = F.cross_entropy(logits.transpose(1, 2), targets, label_smoothing=label_smoothing,
                          reduction="none")                           # (B, N)
     m = mask.to(ce.dtype)
     w = (1.0 - m) * unmasked_weight + m
     loss = (ce * w).sum() / (w.sum() + 1e-8)
     correct = (logits.argmax(-1) == targets).to(ce.dtype) * m
-    accuracy = (correct.sum(1) / (m.sum(1) + 1e-8)).mean()
-    return loss, accuracy
+    return loss, (correct.sum(1) / (m.sum(1) + 1e-8)).mean()
 
 
 # ----------------------------------------------------------------------------------------------
 # 2. Sampling (MaskGIT Sec. 3.2): iterative decoding with classifier-free guidance
-# ----------------------------------------------------------------------------------------------
 
 def gumbel_noise(u: torch.Tensor) -> torch.Tensor:
-    """-log(-log(u)) turns U(0,1) into Gumbel(0,1); argmax(logits + g) samples softmax(logits)
-    (the Gumbel-max trick). Clamps keep both logs finite."""
+    """-log(-log(u)): U(0,1) -> Gumbel(0,1); argmax(logits + g) samples softmax(logits) (Gumbel-max)."""
     return -torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
 
 
 def guidance_scale_at(step: int, num_steps: int, guidance_scale: float, schedule: str,
                       guidance_pow: float = 3.0):
-    """CFG scale used at `step`. constant: g. linear (MUSE): s/S * g, so step 0 is unguided.
-    power-cosine (MDT): 1 + (g-1) * (1 - cos(pi * (s/S)^pow)) / 2, computed in float32 like the
-    reference so seeded runs match bit for bit."""
+    """CFG scale at `step`. constant: g. linear (MUSE): s/S * g, so step 0 is unguided. power-cosine
+    (MDT): 1 + (g-1) * (1 - cos(pi * (s/S)^pow)) / 2, in float32 like the reference (bit-exact seeds)."""
     if schedule == "constant":
         return guidance_scale
     if schedule == "linear":
@@ -138,118 +119,112 @@ def guidance_scale_at(step: int, num_steps: int, guidance_scale: float, schedule
 
 def guided_logits(model: nn.Module, ids: torch.Tensor, class_labels: torch.Tensor, scale,
                   schedule: str, generator: torch.Generator | None) -> torch.Tensor:
-    """Logits for one step; with guidance, conditional and unconditional rows in ONE forward.
-
-    The reference runs two forwards, and each draws U(0,1) per label for label dropout (with drop
-    probability 0 and 1, so the draws change nothing). We make the same draws so that a seed
-    gives the reference's samples."""
+    """Logits for one step; with guidance, conditional and unconditional rows in ONE forward. The
+    reference runs two forwards, each drawing U(0,1) per label for label dropout (with probability 0
+    and 1: the draws change nothing); we make the same draws, so a seed gives its samples."""
     _rand(class_labels.shape, generator, ids.device)                 # the conditional pass's draw
     if float(scale) == 0:
         return model(ids, class_labels).float()                      # (B, N, K)
     _rand(class_labels.shape, generator, ids.device)                 # the unconditional pass's draw
     null = torch.full_like(class_labels, model.null_label)
-    both = model(torch.cat([ids, ids]), torch.cat([class_labels, null])).float()  # (2B, N, K)
-    cond, uncond = both.chunk(2)
+    cond, uncond = model(torch.cat([ids, ids]), torch.cat([class_labels, null])).float().chunk(2)  # (B, N, K)
     if schedule == "power-cosine":   # MDT's form: interpolate from the unconditional logits
         return uncond + (cond - uncond) * scale
     return cond + (cond - uncond) * scale                            # MUSE's form
 
 
 @torch.no_grad()
-def generate(model: nn.Module, class_labels: torch.Tensor, num_steps: int = 8,
-             guidance_scale: float = 3.0, guidance_schedule: str = "constant",
-             temperature: float = 1.0, randomize_temperature: float = 4.5,
-             softmax_annealing: bool = False, guidance_pow: float = 3.0,
-             mask_schedule: str = "arccos", generator: torch.Generator | None = None) -> torch.Tensor:
+def generate(model: nn.Module, class_labels: torch.Tensor, num_steps: int = 8, guidance_scale: float = 3.0,
+             guidance_schedule: str = "constant", temperature: float = 1.0, randomize_temperature: float = 4.5,
+             softmax_annealing: bool = False, guidance_pow: float = 3.0, mask_schedule: str = "arccos",
+             generator: torch.Generator | None = None) -> torch.Tensor:
     """Class-conditional MaskGIT sampling (MaskGIT Sec. 3.2) -> token ids (B, N) int64.
-
-    randomize_temperature scales the Gumbel noise (0 = greedy), annealed linearly to 0 over the
-    steps; softmax_annealing divides the logits by 0.5 + 0.8 * (1 - r); temperature is an extra
-    constant softmax temperature (1 = off); mask_schedule is gamma of MaskGIT Sec. 3.3 (TiTok and
-    the released configs use arccos). Every id is picked from fp32 logits (the lm_head stays fp32
-    under cast_matmuls, guided_logits casts up): argmax and top-k decide discrete outcomes, where
-    bf16 rounding would flip near-ties. Random numbers are drawn in the reference's order:
-    per step rand(B) [cond], rand(B) [uncond, if guided], U(B,N,K), U(B,N).
-    """
+    randomize_temperature scales the Gumbel noise (0 = greedy), annealed linearly to 0; softmax_annealing
+    divides the logits by 0.5 + 0.8 * (1 - r); temperature is a constant softmax temperature (1 = off);
+    mask_schedule is gamma (released: arccos). Ids are picked from fp32 logits (the lm_head stays fp32
+    under cast_matmuls: bf16 would flip near-ties). Random numbers come in the reference's order, per
+    step: rand(B) [cond], rand(B) [uncond, if guided], U(B,N,K), U(B,N)."""
     B, N, device = class_labels.shape[0], model.seq_len, class_labels.device
     ids = torch.full((B, N), model.mask_id, dtype=torch.long, device=device)  # start fully masked
     for step in range(num_steps):
         r = (step + 1) / num_steps                                   # progress after this step
         t = randomize_temperature * (1.0 - r)                        # annealed Gumbel temperature
         is_mask = ids == model.mask_id                               # (B, N)
-
         scale = guidance_scale_at(step, num_steps, guidance_scale, guidance_schedule, guidance_pow)
-        logits = guided_logits(model, ids, class_labels, scale, guidance_schedule, generator)
-        if softmax_annealing:
-            logits = logits / (temperature * (0.5 + 0.8 * (1 - r)))  # sharper as decoding proceeds
-        elif temperature != 1.0:
-            logits = logits / temperature
-
+        softmax_t = temperature * (0.5 + 0.8 * (1 - r) if softmax_annealing else 1.0)  # annealing sharpens
+        logits = guided_logits(model, ids, class_labels, scale, guidance_schedule, generator) / softmax_t
         # 1. Predict: sample a candidate id for every position (Gumbel-max at temperature t).
         candidates = (logits + t * gumbel_noise(_rand(logits.shape, generator, device))).argmax(-1)
         confidence = logits.gather(-1, candidates[..., None]).squeeze(-1)  # (B, N) candidate's logit
         candidates = torch.where(is_mask, candidates, ids)           # decided tokens never change
         confidence = torch.where(is_mask, confidence, math.inf)      # ...and are never re-masked
-
         # 2. Schedule: how many stay masked after this step, gamma(r) * N, at least 1 and fewer
         #    than now. Like the reference, the count of batch row 0 bounds every row.
         num_masked = max(1, min(int(is_mask[0].sum()) - 1, math.floor(N * mask_ratio(r, mask_schedule))))
-
         # 3. Re-mask the least confident (with Gumbel noise, so "confidence" is itself sampled).
         confidence = confidence + t * gumbel_noise(_rand((B, N), generator, device))
         cutoff = confidence.kthvalue(num_masked, dim=-1, keepdim=True).values  # (B, 1)
-        if step == num_steps - 1:
-            ids = candidates                                         # last step: take everything
-        else:
-            ids = torch.where(confidence <= cutoff, model.mask_id, candidates)
+        last = step == num_steps - 1                                 # the last step keeps every candidate
+        ids = candidates if last else torch.where(confidence <= cutoff, model.mask_id, candidates)
     return ids
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. A Linear layer that can hold bf16 weights while everything around it stays fp32
-# ----------------------------------------------------------------------------------------------
+# 3. What both transformers share: the token space, a Linear for bf16 matmuls, attention, init
+
+class MaskedTokenModel(nn.Module):
+    """Both generators: the token space of the module docstring; forward(ids, labels) -> (B, N, K)."""
+
+    def __init__(self, codebook_size: int, seq_len: int, num_classes: int):
+        super().__init__()
+        self.codebook_size, self.seq_len, self.num_classes = codebook_size, seq_len, num_classes
+        self.mask_id, self.null_label = codebook_size, num_classes  # the [MASK] id; the "no class" label
+        self.vocab_size = codebook_size + num_classes + 2
+
+    def input_sequence(self, input_ids: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        """[class token, N image tokens] (B, 1+N); class c becomes id K+1+c, the null label C -> K+1+C."""
+        return torch.cat([(class_labels + self.codebook_size + 1).view(-1, 1), input_ids], dim=1)
+
 
 class Linear(nn.Linear):
-    """nn.Linear that casts its input to the weight dtype. In fp32 it is a plain Linear. After
-    `cast_matmuls(model, torch.bfloat16)` the matmuls, and the attention / GELU between two of
-    them, run in bf16, while the residual stream and the LayerNorms stay fp32: the residual
-    `x + sublayer(x)` promotes the bf16 sub-layer output back to fp32."""
+    """nn.Linear that casts its input to the weight dtype (in fp32 a plain Linear). After cast_matmuls
+    the matmuls, and the attention / GELU between two of them, run in bf16, while the residual stream
+    and the LayerNorms stay fp32: `x + sublayer(x)` promotes the bf16 output back to fp32."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
 
 
 def cast_matmuls(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Store the transformer's Linear weights in `dtype` (bf16 doubles CPU matmul throughput on
-    AVX512-BF16/AMX and on GPUs). The lm_head stays fp32: it is ~2% of the FLOPs, and its logits
-    decide which ids are kept, where bf16 rounding would flip near-ties."""
+    """Linear weights in `dtype` (bf16: twice the matmul throughput on AMX CPUs and GPUs), except the
+    lm_head: ~2% of the FLOPs, and its logits decide which ids are kept (bf16 would flip near-ties)."""
     for name, m in model.named_modules():
         if isinstance(m, Linear) and not name.endswith("lm_head"):
             m.to(dtype)
     return model
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
+              dropout_p: float = 0.0) -> torch.Tensor:
+    """Multi-head scaled dot-product attention of both generators: q, k, v (B, L, D) -> (B, L, D)."""
+    B, L, D = q.shape
+    heads = lambda t: t.view(B, L, num_heads, D // num_heads).transpose(1, 2)  # (B, H, L, D/H)
+    y = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), dropout_p=dropout_p)
+    return y.transpose(1, 2).reshape(B, L, D)
+
+
+def _init_weights(m: nn.Module) -> None:
+    """The references' init, for training from scratch: N(0, 0.02) weights (truncated at +-2, as
+    U-ViT's), zero biases; LayerNorms keep torch's unit weight and zero bias."""
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if getattr(m, "bias", None) is not None:
+            nn.init.zeros_(m.bias)
+
+
 # ----------------------------------------------------------------------------------------------
-# 4. ImageBert: a BERT encoder (post-LN) over [class token, image tokens]
-# Submodule names mirror the checkpoint keys (model.encoder.layer.i.attention.self.query ...).
-# ----------------------------------------------------------------------------------------------
-
-class BertSelfAttention(nn.Module):
-    """Multi-head attention with separate query/key/value projections (all with bias)."""
-
-    def __init__(self, dim: int, num_heads: int, attn_dropout: float):
-        super().__init__()
-        self.num_heads, self.attn_dropout = num_heads, attn_dropout
-        self.query, self.key, self.value = Linear(dim, dim), Linear(dim, dim), Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, L, D = x.shape
-        x = x.to(self.query.weight.dtype)  # cast once for the three projections (see Linear)
-        heads = lambda t: t.view(B, L, self.num_heads, D // self.num_heads).transpose(1, 2)  # (B, H, L, D/H)
-        y = F.scaled_dot_product_attention(heads(self.query(x)), heads(self.key(x)), heads(self.value(x)),
-                                           dropout_p=self.attn_dropout if self.training else 0.0)
-        return y.transpose(1, 2).reshape(B, L, D)
-
+# 4. ImageBert: a BERT encoder (post-LN) over [class token, image tokens]. The ModuleDicts only
+#    reproduce levels of the checkpoint keys (model.encoder.layer.i.attention.self.query ...).
 
 class PostNormResidual(nn.Module):
     """BERT's sub-layer output: LayerNorm(residual + dropout(dense(h))). Post-LN: the norm comes
@@ -265,71 +240,49 @@ class PostNormResidual(nn.Module):
         return self.LayerNorm(residual + self.dropout(self.dense(h)))
 
 
-def _namespace(**children: nn.Module) -> nn.Module:
-    """An empty module holding `children`: only there to reproduce a checkpoint key level."""
-    m = nn.Module()
-    for name, child in children.items():
-        m.add_module(name, child)
-    return m
-
-
 class BertLayer(nn.Module):
-    """Keys attention.self.{query,key,value}, attention.output, intermediate.dense, output."""
+    """x = LN(x + attention(x)); x = LN(x + MLP(x)). Keys attention.self.{query,key,value} (separate
+    projections, all with bias), attention.output, intermediate.dense, output."""
 
     def __init__(self, dim: int, num_heads: int, mlp_dim: int, dropout: float, attn_dropout: float):
         super().__init__()
-        self.attention = _namespace(self=BertSelfAttention(dim, num_heads, attn_dropout),
-                                    output=PostNormResidual(dim, dim, dropout))
-        self.intermediate = _namespace(dense=Linear(dim, mlp_dim))
+        self.num_heads, self.attn_dropout = num_heads, attn_dropout
+        qkv = nn.ModuleDict(dict(query=Linear(dim, dim), key=Linear(dim, dim), value=Linear(dim, dim)))
+        self.attention = nn.ModuleDict(dict(self=qkv, output=PostNormResidual(dim, dim, dropout)))
+        self.intermediate = nn.ModuleDict(dict(dense=Linear(dim, mlp_dim)))
         self.output = PostNormResidual(mlp_dim, dim, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:             # (B, L, D) -> (B, L, D)
-        x = self.attention.output(self.attention.self(x), x)
+        a, p = self.attention.self, self.attn_dropout if self.training else 0.0
+        h = attention(a.query(x), a.key(x), a.value(x), self.num_heads, p)
+        x = self.attention.output(h, x)
         return self.output(F.gelu(self.intermediate.dense(x)), x)    # exact (erf) GELU, BERT's "gelu"
-
-
-class MaskedTokenModel(nn.Module):
-    """What both generators share: the token space of the module docstring."""
-
-    def __init__(self, codebook_size: int, seq_len: int, num_classes: int):
-        super().__init__()
-        self.codebook_size, self.seq_len, self.num_classes = codebook_size, seq_len, num_classes
-        self.mask_id = codebook_size     # the [MASK] image-token id
-        self.null_label = num_classes    # the class label meaning "no class" (CFG)
-        self.vocab_size = codebook_size + num_classes + 2
-
-    def input_sequence(self, input_ids: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
-        """[class token, N image tokens] (B, 1+N); class c becomes id K+1+c, the null label C -> K+1+C."""
-        cls = (class_labels + self.codebook_size + 1).view(-1, 1)  # (B, 1)
-        return torch.cat([cls, input_ids], dim=1)
 
 
 class ImageBert(MaskedTokenModel):
     """The MaskGIT transformer of TiTok-L-32 / B-64: BERT-large-ish depth at width 768. Its
     checkpoint calls the body `model`: embeddings, encoder.layer.i and an untied lm_head."""
 
-    def __init__(self, codebook_size: int, seq_len: int, num_classes: int, hidden_size: int,
-                 num_layers: int, num_heads: int, mlp_dim: int, dropout: float = 0.1,
-                 attn_dropout: float = 0.1):
+    def __init__(self, codebook_size: int, seq_len: int, num_classes: int, hidden_size: int, num_layers: int,
+                 num_heads: int, mlp_dim: int, dropout: float = 0.1, attn_dropout: float = 0.1):
         super().__init__(codebook_size, seq_len, num_classes)
         D = hidden_size
-        embeddings = _namespace(
+        embeddings = nn.ModuleDict(dict(
             word_embeddings=nn.Embedding(self.vocab_size, D),
             position_embeddings=nn.Embedding(seq_len + 1, D),  # learned absolute positions
             token_type_embeddings=nn.Embedding(2, D),          # BERT's sentence A/B; only row 0 is used
-            LayerNorm=nn.LayerNorm(D, eps=1e-12), dropout=nn.Dropout(dropout))
+            LayerNorm=nn.LayerNorm(D, eps=1e-12), dropout=nn.Dropout(dropout)))
         layers = nn.ModuleList(BertLayer(D, num_heads, mlp_dim, dropout, attn_dropout) for _ in range(num_layers))
         # Untied: its own (K, D) weight, not the word embeddings (recent `transformers` would tie it).
-        self.model = _namespace(embeddings=embeddings, encoder=_namespace(layer=layers),
-                                lm_head=Linear(D, codebook_size))
+        self.model = nn.ModuleDict(dict(embeddings=embeddings, encoder=nn.ModuleDict(dict(layer=layers)),
+                                        lm_head=Linear(D, codebook_size)))
         self.apply(_init_weights)
 
     def forward(self, input_ids: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
-        """input_ids (B, N) with mask_id at masked positions, class_labels (B,) in [0, C] -> (B, N, K)."""
         e = self.model.embeddings
         ids = self.input_sequence(input_ids, class_labels)                # (B, 1+N)
-        x = e.word_embeddings(ids) + e.token_type_embeddings.weight[0] + e.position_embeddings.weight[:ids.shape[1]]
-        x = e.dropout(e.LayerNorm(x))                                     # (B, 1+N, D)
+        x = e.word_embeddings(ids) + e.token_type_embeddings.weight[0]    # token type 0 everywhere
+        x = e.dropout(e.LayerNorm(x + e.position_embeddings.weight[:ids.shape[1]]))  # (B, 1+N, D)
         for layer in self.model.encoder.layer:
             x = layer(x)
         return self.model.lm_head(x[:, 1:])  # drop the class position
@@ -337,50 +290,27 @@ class ImageBert(MaskedTokenModel):
 
 # ----------------------------------------------------------------------------------------------
 # 5. UViTBert: pre-LN blocks with long skips (U-ViT, Bao et al. 2023), used for TiTok-S-128
-# ----------------------------------------------------------------------------------------------
-
-class UViTAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = Linear(dim, 3 * dim, bias=False)  # no bias, as in the released S-128
-        self.proj = Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, L, D = x.shape
-        # The packed output splits as (3, heads, head_dim) along the last axis.
-        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v)  # (B, H, L, D/H)
-        return self.proj(y.transpose(1, 2).reshape(B, L, D))
-
-
-class UViTMlp(nn.Module):
-    def __init__(self, dim: int, mlp_dim: int):
-        super().__init__()
-        self.fc1, self.fc2 = Linear(dim, mlp_dim), Linear(mlp_dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
 
 class UViTBlock(nn.Module):
-    """Pre-LN transformer block. Out-blocks (skip=True) first fuse the matching in-block's output:
-    x = Linear(cat[x, skip]) (U-ViT's long skip connection)."""
+    """Pre-LN block: x + attn(LN(x)), then x + mlp(LN(x)); qkv has no bias. Out-blocks (skip=True)
+    first fuse the matching in-block's output: x = Linear(cat[x, skip]) (U-ViT's long skip)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_dim: int, skip: bool = False):
         super().__init__()
+        self.num_heads = num_heads
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = UViTAttention(dim, num_heads)
+        self.attn = nn.ModuleDict(dict(qkv=Linear(dim, 3 * dim, bias=False), proj=Linear(dim, dim)))
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = UViTMlp(dim, mlp_dim)
+        self.mlp = nn.ModuleDict(dict(fc1=Linear(dim, mlp_dim), fc2=Linear(mlp_dim, dim)))
         self.skip_linear = Linear(2 * dim, dim) if skip else None
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         if self.skip_linear is not None:
             # (B, L, 2D) -> (B, L, D); this output *is* the residual stream, so it keeps skip's dtype
             x = self.skip_linear(torch.cat([x, skip], dim=-1)).to(skip.dtype)
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        q, k, v = self.attn.qkv(self.norm1(x)).chunk(3, dim=-1)     # packed as (3, heads, head_dim)
+        x = x + self.attn.proj(attention(q, k, v, self.num_heads))
+        return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
 
 
 class UViTBert(MaskedTokenModel):
@@ -391,18 +321,16 @@ class UViTBert(MaskedTokenModel):
         super().__init__(codebook_size, seq_len, num_classes)
         self.embeddings = nn.Embedding(self.vocab_size, hidden_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, seq_len + 1, hidden_size))
-        half = num_layers // 2
-        self.in_blocks = nn.ModuleList(UViTBlock(hidden_size, num_heads, mlp_dim) for _ in range(half))
-        self.mid_block = UViTBlock(hidden_size, num_heads, mlp_dim)
-        self.out_blocks = nn.ModuleList(UViTBlock(hidden_size, num_heads, mlp_dim, skip=True)
-                                        for _ in range(half))
+        block = lambda skip=False: UViTBlock(hidden_size, num_heads, mlp_dim, skip)
+        self.in_blocks = nn.ModuleList(block() for _ in range(num_layers // 2))
+        self.mid_block = block()
+        self.out_blocks = nn.ModuleList(block(skip=True) for _ in range(num_layers // 2))
         self.norm = nn.LayerNorm(hidden_size)
         self.lm_head = Linear(hidden_size, codebook_size)
         self.apply(_init_weights)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
     def forward(self, input_ids: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
-        """input_ids (B, N) with mask_id at masked positions, class_labels (B,) in [0, C] -> (B, N, K)."""
         x = self.embeddings(self.input_sequence(input_ids, class_labels)) + self.pos_embed  # (B, 1+N, D)
         skips = []
         for block in self.in_blocks:
@@ -414,41 +342,24 @@ class UViTBert(MaskedTokenModel):
         return self.lm_head(self.norm(x)[:, 1:])
 
 
-def _init_weights(m: nn.Module) -> None:
-    """The references' init: N(0, 0.02) weights (truncated for U-ViT), zero biases, unit LayerNorm.
-    Only matters for training from scratch; released weights overwrite it."""
-    if isinstance(m, (nn.Linear, nn.Embedding)):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if getattr(m, "bias", None) is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-
-
 def build_generator(cfg: GeneratorConfig) -> MaskedTokenModel:
-    """ImageBert or UViTBert for cfg. The model keeps `config` (for checkpoints); load_generator
-    also sets `preset` (for the default sampling settings)."""
-    shape = dict(codebook_size=cfg.codebook_size, seq_len=cfg.seq_len, num_classes=cfg.num_classes,
-                 hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
-                 mlp_dim=cfg.mlp_dim)
+    """ImageBert or UViTBert; keeps `config` (checkpoints) and `preset` (set by load_generator)."""
     if cfg.hidden_size % cfg.num_heads:
         raise UserError(f"hidden_size {cfg.hidden_size} is not divisible by num_heads {cfg.num_heads}")
-    if cfg.arch == "imagebert":
-        model = ImageBert(**shape, dropout=cfg.dropout, attn_dropout=cfg.attn_dropout)
-    elif cfg.arch == "uvit":
-        model = UViTBert(**shape)
-    else:
+    shape = (cfg.codebook_size, cfg.seq_len, cfg.num_classes, cfg.hidden_size, cfg.num_layers,
+             cfg.num_heads, cfg.mlp_dim)
+    if cfg.arch not in ("imagebert", "uvit"):
         raise UserError(f"unknown generator arch {cfg.arch!r} (expected 'imagebert' or 'uvit')")
+    model = (ImageBert(*shape, dropout=cfg.dropout, attn_dropout=cfg.attn_dropout) if cfg.arch == "imagebert"
+             else UViTBert(*shape))
     model.config, model.preset = cfg, None
     return model
 
 
 # ----------------------------------------------------------------------------------------------
 # 6. Configuration, the released presets and their sampling settings
-# ----------------------------------------------------------------------------------------------
 
-@dataclass
+@dataclasses.dataclass
 class GeneratorConfig:
     arch: str = "imagebert"          # "imagebert" (post-LN BERT) or "uvit" (pre-LN U-ViT)
     codebook_size: int = 4096        # K: the tokenizer's codebook size; K is also the [MASK] id
@@ -472,18 +383,15 @@ PRESETS: dict[str, GeneratorConfig] = {
     "tiny": GeneratorConfig("imagebert", 1024, 32, 10, 192, 4, 4, 768),
 }
 
-# The official ImageNet evaluation settings (the released configs plus the evaluation script's
-# softmax-temperature annealing). Keys are the keyword arguments of `generate`.
-DEFAULT_SAMPLING: dict[str, dict] = {
-    "titok_l32": dict(num_steps=8, guidance_scale=4.5, guidance_schedule="linear",
-                      randomize_temperature=9.5, softmax_annealing=True),
-    "titok_b64": dict(num_steps=8, guidance_scale=3.0, guidance_schedule="linear",
-                      randomize_temperature=11.0, softmax_annealing=True),
-    "titok_s128": dict(num_steps=64, guidance_scale=6.9, guidance_schedule="power-cosine",
-                       guidance_pow=3.0, randomize_temperature=2.8, softmax_annealing=True),
-    "tiny": dict(num_steps=8, guidance_scale=2.0, guidance_schedule="linear",
-                 randomize_temperature=4.5, softmax_annealing=True),
-}
+# The official ImageNet evaluation settings: the released configs, all with the evaluation script's
+# softmax-temperature annealing. Keys are the keyword arguments of `generate`.
+DEFAULT_SAMPLING: dict[str, dict] = {name: dict(kw, softmax_annealing=True) for name, kw in {
+    "titok_l32": dict(num_steps=8, guidance_scale=4.5, guidance_schedule="linear", randomize_temperature=9.5),
+    "titok_b64": dict(num_steps=8, guidance_scale=3.0, guidance_schedule="linear", randomize_temperature=11.0),
+    "titok_s128": dict(num_steps=64, guidance_scale=6.9, guidance_schedule="power-cosine", guidance_pow=3.0,
+                       randomize_temperature=2.8),
+    "tiny": dict(num_steps=8, guidance_scale=2.0, guidance_schedule="linear", randomize_temperature=4.5),
+}.items()}
 
 
 def config_to_dict(cfg: GeneratorConfig) -> dict:
@@ -491,26 +399,20 @@ def config_to_dict(cfg: GeneratorConfig) -> dict:
 
 
 def config_from_dict(d: dict) -> GeneratorConfig:
-    """Inverse of config_to_dict, as stored in our checkpoints under "config"."""
-    names = {f.name for f in dataclasses.fields(GeneratorConfig)}
-    unknown = sorted(set(d) - names)
+    """Inverse of config_to_dict (our checkpoints' "config"); build_generator checks the values."""
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(GeneratorConfig)})
     if unknown:
         raise UserError(f"generator config has unknown fields {unknown}")
-    cfg = GeneratorConfig(**d)
-    if cfg.arch not in ("imagebert", "uvit"):
-        raise UserError(f"generator config: arch must be 'imagebert' or 'uvit', got {cfg.arch!r}")
-    return cfg
+    return GeneratorConfig(**d)
 
 
 def config_from_official(cfg: dict) -> GeneratorConfig:
-    """Translate the official config (the YAML / HF config.json dict, with model.vq_model and
-    model.generator sections) into a GeneratorConfig."""
+    """The official config (YAML / HF config.json: model.vq_model, model.generator) as ours."""
     try:
         vq, g = cfg["model"]["vq_model"], cfg["model"]["generator"]
-        arch = {"ViT": "imagebert", "UViT": "uvit"}[g["model_type"]]
         return GeneratorConfig(
-            arch=arch, codebook_size=int(vq["codebook_size"]), seq_len=int(g["image_seq_len"]),
-            num_classes=int(g["condition_num_classes"]),
+            arch={"ViT": "imagebert", "UViT": "uvit"}[g["model_type"]], codebook_size=int(vq["codebook_size"]),
+            seq_len=int(g["image_seq_len"]), num_classes=int(g["condition_num_classes"]),
             # Early reference versions hard-coded the BERT size (768/24/16/3072) instead of reading it.
             hidden_size=int(g.get("hidden_size", 768)), num_layers=int(g.get("num_hidden_layers", 24)),
             num_heads=int(g.get("num_attention_heads", 16)), mlp_dim=int(g.get("intermediate_size", 3072)),
@@ -523,38 +425,33 @@ def config_from_official(cfg: dict) -> GeneratorConfig:
 
 # ----------------------------------------------------------------------------------------------
 # 7. Loading: official checkpoints (strict) and our own
-# ----------------------------------------------------------------------------------------------
 
-def load_generator(path: str | Path, preset: str | None = None) -> MaskedTokenModel:
+def load_generator(path: str | Path) -> MaskedTokenModel:
     """Load a generator for inference (eval mode) from
     * our checkpoint: {"kind": "generator", "config", "model", "ema", ...} (EMA weights preferred),
-    * an official weights file (.bin / .safetensors), its preset given or recognised by shape,
+    * an official weights file (.bin / .safetensors), its preset recognised by the shapes,
     * a Hugging Face snapshot folder (config.json + model.safetensors or pytorch_model.bin)."""
-    path = Path(path)
-    if preset is not None and preset not in PRESETS:
-        raise UserError(f"unknown generator preset {preset!r} (choose from {', '.join(PRESETS)})")
+    path, preset = Path(path), None
     if path.is_dir():
-        weights = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
-        if not (path / "config.json").is_file() or not weights:
-            raise UserError(f"{path}: expected config.json and model.safetensors or pytorch_model.bin")
         try:
             cfg = config_from_official(json.loads((path / "config.json").read_text()))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path / 'config.json'}: invalid JSON ({e})") from None
-        state = read_checkpoint(weights[0])
+        except (OSError, json.JSONDecodeError) as e:  # missing, unreadable or not JSON
+            raise UserError(f"{path}: a snapshot folder needs a readable config.json ({e})") from None
+        safetensors = path / "model.safetensors"
+        state = read_checkpoint(safetensors if safetensors.is_file() else path / "pytorch_model.bin")
     else:
         state = read_checkpoint(path)
         if not isinstance(state, dict):
             raise UserError(f"{path}: not a generator checkpoint")
         if "kind" in state:      # ours
-            preset = preset or state.get("preset")
+            preset = state.get("preset")
             config, state = checkpoint_weights(state, "generator", path)
             cfg = config_from_dict(config)
         else:                    # a bare official state dict: the preset names the architecture
-            preset = preset or guess_preset(state, PRESETS, build_generator)
+            preset = guess_preset(state, PRESETS, build_generator)
             if preset is None:
-                raise UserError(f"{path}: weights match none of the generator presets; pass the preset "
-                                f"({', '.join(PRESETS)}) or use a checkpoint with its config")
+                raise UserError(f"{path}: weights match none of the generator presets ({', '.join(PRESETS)}); "
+                                "use a snapshot folder with config.json or a checkpoint with its config")
             cfg = PRESETS[preset]
     model = build_generator(cfg)
     load_official_weights(model, state)

@@ -51,7 +51,6 @@ from PIL import Image
 
 # ----------------------------------------------------------------------------------------------
 # 1. ViT block (pre-LN residual blocks as in CLIP/ViT; Dosovitskiy et al., 2021).
-# ----------------------------------------------------------------------------------------------
 
 class Attention(nn.Module):
     """Multi-head self-attention with one packed qkv projection (the key names and the xavier
@@ -104,7 +103,6 @@ def _randn_param(*shape: int, scale: float) -> nn.Parameter:
 
 # ----------------------------------------------------------------------------------------------
 # 2. Encoder (Sec. 3.2): patches and K latent tokens go through one ViT; keep the K latents.
-# ----------------------------------------------------------------------------------------------
 
 class TiTokEncoder(nn.Module):
     def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int,
@@ -149,7 +147,6 @@ class TiTokEncoder(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 # 3. Quantisation: K continuous latents -> K ids (VQ, van den Oord et al., 2017) or a VAE sample.
-# ----------------------------------------------------------------------------------------------
 
 class VectorQuantizer(nn.Module):
     """Nearest-codebook lookup. With `use_l2_norm` both the latents and the codebook rows are
@@ -216,7 +213,6 @@ def gaussian_posterior(z: torch.Tensor, generator: torch.Generator | None = None
 
 # ----------------------------------------------------------------------------------------------
 # 4. Decoder (Sec. 3.2): K tokens + one mask token per patch -> ViT -> the patch positions.
-# ----------------------------------------------------------------------------------------------
 
 class DepthToSpace(nn.Module):
     """(B, p*p*3, g, g) -> (B, 3, g*p, g*p); channel order (p1, p2, c) as the reference."""
@@ -280,7 +276,6 @@ class TiTokDecoder(nn.Module):
 # 5. MaskGIT-VQGAN (Chang et al., 2022; a taming-style VQGAN without attention): the 2D tokenizer
 #    TiTok is compared with. Two-stage TiTok uses its encoder+quantizer as the teacher of "proxy
 #    codes" and its decoder as the pixel decoder (Sec. 3.3).
-# ----------------------------------------------------------------------------------------------
 
 def _conv(cin: int, cout: int, k: int, bias: bool = True) -> nn.Conv2d:
     # The original is a TF port with "SAME" padding. For odd kernels at stride 1 (every conv here)
@@ -402,7 +397,6 @@ class MaskGITVQGAN(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 # 6. The tokenizer.
-# ----------------------------------------------------------------------------------------------
 
 class TiTok(nn.Module):
     def __init__(self, config: TiTokConfig):
@@ -488,15 +482,13 @@ class TiTok(nn.Module):
                 raise UserError(f"expected VAE latents of shape (B, {c.token_size}, 1, "
                                 f"{c.num_latent_tokens}), got {tuple(ids.shape)}")
             return self.decode(ids)
-        if ids.ndim == 3 and ids.shape[1] == 1:
-            ids = ids[:, 0]
+        ids = ids[:, 0] if ids.ndim == 3 and ids.shape[1] == 1 else ids
         if ids.ndim != 2 or ids.shape[1] != c.num_latent_tokens:
             raise UserError(f"expected token ids of shape (B, {c.num_latent_tokens}), got {tuple(ids.shape)}")
         if ids.dtype.is_floating_point or ids.dtype == torch.bool:
             raise UserError(f"token ids must be an integer tensor, got {ids.dtype}")
         if ids.numel() and (ids.min() < 0 or ids.max() >= c.codebook_size):
-            raise UserError(f"token ids must lie in [0, {c.codebook_size}), got range "
-                            f"[{int(ids.min())}, {int(ids.max())}]")
+            raise UserError(f"token ids must lie in [0, {c.codebook_size}), got [{ids.min()}, {ids.max()}]")
         return self.decode(self.quantize.lookup(ids.long()))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -522,7 +514,6 @@ def _init_weights(m: nn.Module) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # 7. Configs. Modules take explicit arguments; only TiTok.__init__ reads a whole config.
-# ----------------------------------------------------------------------------------------------
 
 # The reference knows three ViT sizes (width, layers, heads); the MLP ratio is always 4.
 VIT_SIZES = {"small": (512, 8, 8), "base": (768, 12, 12), "large": (1024, 24, 16)}
@@ -620,9 +611,7 @@ def config_from_official(cfg: dict, vit_sizes: dict | None = None,
     overrides the MaskGIT-VQGAN decoder hyper-parameters, which the reference hard-codes."""
     vq = cfg.get("model", cfg).get("vq_model", cfg.get("model", cfg))
     image_size = cfg.get("dataset", {}).get("preprocessing", {}).get("crop_size", 256)
-    sizes = {k: v for k, v in VIT_SIZES.items()}
-    for name, s in (vit_sizes or {}).items():
-        sizes[name] = (s["width"], s["num_layers"], s["num_heads"])
+    sizes = {**VIT_SIZES, **{n: (s["width"], s["num_layers"], s["num_heads"]) for n, s in (vit_sizes or {}).items()}}
     try:
         enc, dec = sizes[vq["vit_enc_model_size"]], sizes[vq["vit_dec_model_size"]]
         if vq["vit_enc_patch_size"] != vq["vit_dec_patch_size"]:
@@ -630,12 +619,9 @@ def config_from_official(cfg: dict, vit_sizes: dict | None = None,
         legacy = vq.get("is_legacy", True)                 # reference defaults
         two_stage = vq.get("finetune_decoder", True)
         mode = vq.get("quantize_mode", "vq")
-        vqgan = VQGANConfig()
-        if pixel_decoder:
-            vqgan = VQGANConfig(hidden_channels=pixel_decoder["hidden_channels"],
-                                channel_mult=tuple(pixel_decoder["channel_mult"]),
-                                num_res_blocks=pixel_decoder["num_res_blocks"],
-                                z_channels=pixel_decoder["z_channels"])
+        vqgan = VQGANConfig(**{k: tuple(v) if k == "channel_mult" else v for k, v in pixel_decoder.items()
+                               if k in ("hidden_channels", "channel_mult", "num_res_blocks", "z_channels")}
+                            ) if pixel_decoder else VQGANConfig()
         return TiTokConfig(
             image_size=image_size, patch_size=vq["vit_enc_patch_size"],
             num_latent_tokens=vq["num_latent_tokens"],
@@ -652,14 +638,9 @@ def config_from_official(cfg: dict, vit_sizes: dict | None = None,
 # ----------------------------------------------------------------------------------------------
 # 8. Loading. Every load is strict: a key missing, extra or of another shape is an error that
 #    names the keys (and, for a tokenizer, the preset the weights look like).
-# ----------------------------------------------------------------------------------------------
 
 def _shapes(sd: dict) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in sd.items()}
-
-
-def _few(keys: list, n: int = 4) -> str:
-    return ", ".join(map(str, keys[:n])) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
 def guess_preset(state_dict: dict, presets: dict | None = None, build=None) -> str | None:
@@ -682,10 +663,10 @@ def load_official_weights(model: nn.Module, state_dict: dict) -> None:
     unexpected = sorted(set(have) - set(want))
     wrong = [f"{k} {have[k]} vs {want[k]}" for k in sorted(set(have) & set(want)) if have[k] != want[k]]
     if missing or unexpected or wrong:
-        parts = [f"{len(missing)} missing: {_few(missing)}" if missing else "",
-                 f"{len(unexpected)} unexpected: {_few(unexpected)}" if unexpected else "",
-                 f"{len(wrong)} of the wrong shape (file vs model): {_few(wrong, 3)}" if wrong else ""]
-        msg = "weights do not fit this model; " + "; ".join(p for p in parts if p)
+        few = lambda keys: ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+        parts = [f"{len(keys)} {what}: {few(keys)}" for what, keys in [("missing", missing), ("unexpected", unexpected),
+                 ("of the wrong shape (file vs model)", wrong)] if keys]
+        msg = "weights do not fit this model; " + "; ".join(parts)
         if isinstance(model, TiTok):
             guess = guess_preset(state_dict)
             msg += f" - they look like preset {guess!r}" if guess else ""
@@ -739,64 +720,54 @@ def load_tokenizer(path: str | os.PathLike, preset: str | None = None) -> TiTok:
 # ----------------------------------------------------------------------------------------------
 # 9. Command line: reconstruct or encode image files.
 #    python tokenizer.py reconstruct --ckpt out/tok/tokenizer.pt photo.jpg --out recon/
-# ----------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="TiTok tokenizer: reconstruct or encode image files.")
-    sub = p.add_subparsers(dest="command", required=True)
-    for name, help_ in (("reconstruct", "encode + decode images; write reconstructions and side-by-sides"),
-                        ("encode", "write the token ids of images to a .npy file")):
-        s = sub.add_parser(name, help=help_)
-        s.add_argument("--ckpt", required=True, help="HF snapshot folder, .safetensors/.bin, or our checkpoint")
-        s.add_argument("--preset", choices=list(PRESETS), help="architecture when the file has no config")
-        s.add_argument("images", nargs="+", help="image files (any size: resized + centre-cropped)")
-        s.add_argument("--out", required=True, help="output folder" if name == "reconstruct" else "output .npy")
-        s.add_argument("--device", type=device_arg, default=None, help="cpu, cuda, cuda:N (default: cuda if any)")
-        s.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-        s.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("command", choices=("reconstruct", "encode"),
+                   help="reconstruct: write <stem>_recon.png and <stem>_side_by_side.png into --out; "
+                        "encode: write the (N, K) token ids to the .npy file --out")
+    p.add_argument("images", nargs="+", help="image files (any size: resized + centre-cropped)")
+    p.add_argument("--ckpt", required=True, help="HF snapshot folder, .safetensors/.bin, or our checkpoint")
+    p.add_argument("--preset", choices=list(PRESETS), help="architecture when the file has no config")
+    p.add_argument("--out", required=True, help="output folder (reconstruct) or .npy file (encode)")
+    p.add_argument("--device", type=device_arg, default=None, help="cpu, cuda, cuda:N (default: cuda if any)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--batch-size", type=positive_int, default=8)
     args = p.parse_args(argv)
     try:
         device = args.device or default_device()
         tok = load_tokenizer(args.ckpt, args.preset).to(device)
-        size, all_ids = tok.config.image_size, []
-        out = Path(args.out)
+        out, all_ids = Path(args.out), []
+        if args.command == "encode" and tok.quantize is None:
+            raise UserError("encode writes token ids; this is a VAE tokenizer (continuous latents)")
         if args.command == "encode":
-            if tok.quantize is None:
-                raise UserError("encode writes token ids; this is a VAE tokenizer (continuous latents)")
             out = out if out.suffix == ".npy" else out.with_name(out.name + ".npy")  # as np.save names it
+        elif len({Path(f).stem for f in args.images}) < len(args.images):
+            raise UserError("two images share a file name stem; their outputs would overwrite each other")
         else:
-            stems = [Path(f).stem for f in args.images]
-            if len(set(stems)) < len(stems):
-                raise UserError("two images share a file name stem; their outputs would overwrite each other")
             out.mkdir(parents=True, exist_ok=True)
         from tqdm import tqdm
         for i in tqdm(range(0, len(args.images), args.batch_size), desc=args.command,
                       disable=len(args.images) <= args.batch_size):
             paths = args.images[i:i + args.batch_size]
-            x = torch.stack([load_image(f, size) for f in paths]).to(device)
+            x = torch.stack([load_image(f, tok.config.image_size) for f in paths]).to(device)
             with torch.no_grad(), autocast(device, args.dtype):
                 ids = tok.encode(x)                                        # (B, K)
-                if args.command == "encode":
-                    all_ids.append(ids.cpu())
-                    continue
-                recon = tok.decode_tokens(ids).float().clamp(0, 1)         # (B, 3, H, W)
-            for f, xi, ri in zip(paths, x, recon):
+                recon = tok.decode_tokens(ids).float().clamp(0, 1) if args.command == "reconstruct" else None
+            all_ids.append(ids.cpu())
+            for f, xi, ri, ti in zip(paths, x, recon if recon is not None else [], ids):
                 save_image(ri, out / f"{Path(f).stem}_recon.png")
                 save_image(torch.cat([xi, ri], dim=2), out / f"{Path(f).stem}_side_by_side.png")
-                print(f"{f}: PSNR {psnr(xi, ri):.2f} dB")
+                print(f"{f}: PSNR {psnr(xi, ri):.2f} dB" + (f", ids {ti.tolist()}" if ti.ndim == 1 else ""))
         if args.command == "encode":
-            arr = torch.cat(all_ids).numpy().astype(np.int64)
-            np.save(out, arr)
-            print(f"wrote {arr.shape} token ids to {out}")
-        else:
-            print(f"wrote reconstructions to {out}/")
-    except UserError as e:
+            np.save(out, torch.cat(all_ids).numpy().astype(np.int64))
+        print(f"wrote {out}")
+    except (UserError, OSError) as e:
         sys.exit(f"error: {e}")
 
 
 # ----------------------------------------------------------------------------------------------
 # 10. Appendix: helpers every stage imports, so each idea is written once.
-# ----------------------------------------------------------------------------------------------
 
 class UserError(ValueError):
     """Bad input (a missing file, a wrong checkpoint, out-of-range ids...). CLIs print the message as
@@ -839,11 +810,9 @@ def device_arg(s: str) -> torch.device:
 
 # -- weight files -------------------------------------------------------------------------------
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:

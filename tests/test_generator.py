@@ -16,6 +16,7 @@ from tokenizer import UserError, read_safetensors  # noqa: E402
 
 SHARED = os.environ.get("TITOK_SHARED")
 LOCAL = Path(__file__).parent / "fixtures"
+FIXTURES = ([Path(SHARED) / "parity"] if SHARED else []) + [LOCAL]  # shared/ first, else tests/fixtures
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -31,7 +32,7 @@ def one_thread():
 def case_files(name: str):
     """(json, weights or None, io) of a parity case from $TITOK_SHARED/parity, else the copies in
     tests/fixtures/. Skips (saying why) only when neither has it."""
-    for folder in ([Path(SHARED) / "parity"] if SHARED else []) + [LOCAL]:
+    for folder in FIXTURES:
         if (folder / f"{name}.json").is_file():
             weights = folder / f"{name}.weights.safetensors"
             return (json.loads((folder / f"{name}.json").read_text()),
@@ -67,8 +68,7 @@ def test_logits_match_reference(name):
 
 def sampling_runs():
     for name in CASES:
-        meta_file = next((f for f in ([Path(SHARED) / "parity"] if SHARED else []) + [LOCAL]
-                          if (f / f"{name}.json").is_file()), None)
+        meta_file = next((f for f in FIXTURES if (f / f"{name}.json").is_file()), None)
         runs = json.loads((meta_file / f"{name}.json").read_text())["sampling_runs"] if meta_file else {}
         for run in runs:
             yield pytest.param(name, run, id=f"{name}-{run}")
@@ -235,9 +235,7 @@ def test_label_dropout():
 
 @pytest.mark.parametrize("preset", ["titok_l32", "titok_b64", "titok_s128"])
 def test_presets_match_released_key_layout(preset):
-    if not SHARED:
-        pytest.skip("the released key lists need TITOK_SHARED=<path to shared/>")
-    folder = Path(SHARED) / "parity" / "real_keys"
+    folder = next(f / "real_keys" for f in FIXTURES if (f / "real_keys").is_dir())
     real = json.loads((folder / f"generator_{preset}.json").read_text())
     with torch.device("meta"):
         model = G.build_generator(G.PRESETS[preset])

@@ -1,8 +1,10 @@
 """sample.py end to end on CPU with a tiny random generator and tiny random tokenizer: the grid,
-the resumable sharded .npz, torchrun over two processes, and one-line errors for bad input."""
+the resumable .npz (kill -9, models identified by content), torchrun over two processes, and
+one-line errors for bad input."""
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -51,19 +53,23 @@ def save_tokenizer(tok: T.TiTok, path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    """(generator checkpoint, tokenizer checkpoint) in our format, preset `tiny`."""
-    d = tmp_path_factory.mktemp("ckpts")
-    torch.manual_seed(0)
+def save_generator(path: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
     gen = G.build_generator(G.PRESETS["tiny"])
     with torch.no_grad():  # unit-gain weights: confident, varied logits instead of nearly uniform ones
         for p in gen.parameters():
             if p.ndim == 2:
                 p.normal_(0, p.shape[1] ** -0.5)
     torch.save({"kind": "generator", "preset": "tiny", "config": G.config_to_dict(gen.config),
-                "model": gen.state_dict(), "ema": None, "step": 0}, d / "gen.pt")
-    return d / "gen.pt", save_tokenizer(tiny_tokenizer(), d / "tok.pt")
+                "model": gen.state_dict(), "ema": None, "step": 0}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """(generator checkpoint, tokenizer checkpoint) in our format, preset `tiny`."""
+    d = tmp_path_factory.mktemp("ckpts")
+    return save_generator(d / "gen.pt"), save_tokenizer(tiny_tokenizer(), d / "tok.pt")
 
 
 def run_cli(*args, torchrun: bool = False) -> subprocess.CompletedProcess:
@@ -79,113 +85,107 @@ def test_grid_end_to_end(ckpts, tmp_path):
     r = run_cli("--ckpt", gen, "--tokenizer", tok, "--classes", 1, 3, "--per-class", 2,
                 "--batch-size", 4, "--seed", 5, "--out", out)
     assert r.returncode == 0, r.stderr
-    assert "images/s" in r.stdout
     grid = np.asarray(Image.open(out).convert("RGB"))
 
     # The same samples computed here through the API (batch 0 of seed 5, tiny defaults).
     model, tokz = G.load_generator(gen), T.load_tokenizer(tok)
-    want = sample.sample_images(model, tokz, [1, 1, 3, 3], G.DEFAULT_SAMPLING["tiny"],
-                                sample.batch_seed(5, 0), torch.device("cpu"), "fp32")
+    want = sample.sample_images(model, tokz, [1, 1, 3, 3], dict(G.DEFAULT_SAMPLING["tiny"], mask_schedule="arccos"),
+                                5 * 1_000_003 + 0, torch.device("cpu"), "fp32")
     assert want.shape == (4, 32, 32, 3) and want.std() > 10   # real images, not a flat colour
     assert not np.array_equal(want[0], want[1])
-    margin, cell = 40, 64  # 32 px images are drawn at 2x
-    assert grid.shape == (2 * cell, margin + 2 * cell, 3)
+    cell, scale = 34, 4  # image_grid: a 1-px frame around each 32 px image, then 4x (to >= 128 px)
+    assert grid.shape == (2 * cell * scale, 2 * cell * scale, 3)
     for i in range(4):
-        row, col = divmod(i, 2)
-        tile = grid[row * cell:(row + 1) * cell, margin + col * cell:margin + (col + 1) * cell]
-        assert np.array_equal(tile[::2, ::2], want[i]), f"tile {i} is not sample {i}"
-    for row in range(2):  # each row has its class id written in the margin
-        assert (grid[row * cell:(row + 1) * cell, :margin] < 128).any()
+        row, col = divmod(i, 2)  # one row per class
+        y, x = (row * cell + 1) * scale, (col * cell + 1) * scale
+        assert np.array_equal(grid[y:y + 32 * scale:scale, x:x + 32 * scale:scale], want[i]), f"tile {i}"
 
 
-def npz_args(ckpts, out, seed=3):
-    return ["--ckpt", ckpts[0], "--tokenizer", ckpts[1], "--num-samples", 10, "--batch-size", 4,
-            "--seed", seed, "--npz", out]
+def npz_args(gen, tok, out, seed=3):
+    return ["--ckpt", gen, "--tokenizer", tok, "--num-samples", 10, "--batch-size", 4, "--seed", seed, "--npz", out]
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(ckpts, tmp_path_factory):
     out = tmp_path_factory.mktemp("npz") / "a.npz"
-    r = run_cli(*npz_args(ckpts, out))
+    r = run_cli(*npz_args(*ckpts, out))
     assert r.returncode == 0, r.stderr
     with np.load(out) as f:
-        return f["arr_0"], f["labels"]
+        return out, f["arr_0"], f["labels"]
 
 
-def test_npz_layout(uninterrupted):
-    images, labels = uninterrupted
+def test_npz_layout_summary_and_rerun(ckpts, uninterrupted):
+    out, images, labels = uninterrupted
     assert images.dtype == np.uint8 and images.shape == (10, 32, 32, 3)
     assert labels.tolist() == [i % 10 for i in range(10)]  # the protocol: sample i has class i % C
     assert len({im.tobytes() for im in images}) == 10
-
-
-def test_npz_resume_equals_uninterrupted(ckpts, uninterrupted, tmp_path):
-    out = tmp_path / "b.npz"
-    args = npz_args(ckpts, out)
-    r = run_cli(*args, "--max-batches", 1)            # "interrupted" after one of three batches
-    assert r.returncode == 0, r.stderr
-    assert "1/3 batches done" in r.stdout and not out.exists()
-    assert sorted(p.name for p in (tmp_path / "b.npz.shards").glob("batch_*")) == ["batch_000000.npz"]
-    r = run_cli(*args)
-    assert r.returncode == 0, r.stderr
-    assert "resuming: 1/3 batches" in r.stdout
-    assert not (tmp_path / "b.npz.shards").exists()
-    with np.load(out) as f:
-        assert np.array_equal(f["arr_0"], uninterrupted[0])
-        assert np.array_equal(f["labels"], uninterrupted[1])
-    # A finished .npz is kept on a rerun (the main job reruns every stage) and recorded once.
+    assert not out.with_name("a.npz.shards").exists()
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["num_samples"] == 10 and summary["wall_s"] > 0 and summary["seed"] == 3
+    assert summary["settings"]["mask_schedule"] == "arccos" and len(summary["generator_sha256"]) == 64
+    # A finished .npz is kept on a rerun (the main job reruns every stage)...
     stamp = out.stat().st_mtime_ns
-    r = run_cli(*args, "--results", tmp_path / "r.json")
+    r = run_cli(*npz_args(*ckpts, out))
     assert r.returncode == 0 and "nothing to do" in r.stdout and out.stat().st_mtime_ns == stamp, r.stderr
-    assert not (tmp_path / "r.json").exists()
-    r = run_cli(*args[:-1], tmp_path / "d.npz", "--results", tmp_path / "r.json")
+    # ...and one of other settings is never overwritten.
+    for other in (["--seed", 5], ["--mask-schedule", "cosine"]):
+        r = run_cli(*npz_args(*ckpts, out), *other)
+        assert r.returncode == 1 and r.stderr.strip().count("\n") == 0, r.stderr
+        assert r.stderr.startswith("error: ") and "another generator/tokenizer or settings" in r.stderr
+        assert out.stat().st_mtime_ns == stamp
+
+
+def test_replaced_generator_is_refused(ckpts, uninterrupted, tmp_path):
+    """Models are identified by content: the same path holding other weights is another run."""
+    gen, out = tmp_path / "gen.pt", tmp_path / "r.npz"
+    shutil.copy(ckpts[0], gen)  # another path, same bytes: the same samples
+    r = run_cli(*npz_args(gen, ckpts[1], out))
     assert r.returncode == 0, r.stderr
-    rec = json.loads((tmp_path / "r.json").read_text())["sample"]
-    assert rec["num_samples"] == 10 and rec["wall_s"] > 0 and rec["seed"] == 3
-    r = run_cli(*npz_args(ckpts, out, seed=5))  # the finished file holds another seed's samples
-    assert r.returncode == 1 and "other settings" in r.stderr and out.stat().st_mtime_ns == stamp
-    # Shards of a run with other settings are not silently mixed in.
-    r = run_cli(*npz_args(ckpts, tmp_path / "c.npz"), "--max-batches", 1)
-    assert r.returncode == 0, r.stderr
-    r = run_cli(*npz_args(ckpts, tmp_path / "c.npz", seed=4))
-    assert r.returncode == 1 and "seed" in r.stderr and r.stderr.strip().startswith("error:")
+    data = out.read_bytes()
+    with np.load(out) as f:
+        assert np.array_equal(f["arr_0"], uninterrupted[1])
+    save_generator(gen, seed=1)  # retrained at the same path
+    r = run_cli(*npz_args(gen, ckpts[1], out))
+    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "another generator/tokenizer" in r.stderr and out.read_bytes() == data
 
 
 def test_killed_run_resumes(ckpts, uninterrupted, tmp_path):
-    """SIGKILL right after the first shard lands (a half-written shard may be left behind)."""
-    out = tmp_path / "k.npz"
-    cmd = [sys.executable, str(ROOT / "sample.py"), *map(str, npz_args(ckpts, out))]
+    """SIGKILL right after the first shard lands (a half-written shard may be left behind); shards
+    of a replaced generator are not mixed in; the resumed .npz equals the uninterrupted one."""
+    gen, out = tmp_path / "gen.pt", tmp_path / "k.npz"
+    shutil.copy(ckpts[0], gen)
+    cmd = [sys.executable, str(ROOT / "sample.py"), *map(str, npz_args(gen, ckpts[1], out))]
     child = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first, deadline = tmp_path / "k.npz.shards" / "batch_000000.npz", time.time() + 120
+    first, deadline = tmp_path / "k.npz.shards" / "000000.npy", time.time() + 120
     while not first.exists() and child.poll() is None and time.time() < deadline:
         time.sleep(0.002)
     child.kill()
     child.wait()
     assert first.exists() and not out.exists(), "the run was not interrupted mid-way"
-    r = run_cli(*npz_args(ckpts, out))
+    shards = sorted(p.name for p in first.parent.iterdir())
+    save_generator(gen, seed=1)
+    r = run_cli(*npz_args(gen, ckpts[1], out))
+    assert r.returncode == 1 and "another generator/tokenizer" in r.stderr, r.stderr
+    assert sorted(p.name for p in first.parent.iterdir()) == shards and not out.exists()
+    shutil.copy(ckpts[0], gen)
+    r = run_cli(*npz_args(gen, ckpts[1], out))
     assert r.returncode == 0, r.stderr
     assert "resuming" in r.stdout
     with np.load(out) as f:
-        assert np.array_equal(f["arr_0"], uninterrupted[0])
+        assert np.array_equal(f["arr_0"], uninterrupted[1])
+        assert np.array_equal(f["labels"], uninterrupted[2])
 
 
 def test_torchrun_two_processes_equal_one(ckpts, uninterrupted, tmp_path):
     out = tmp_path / "t.npz"
-    r = run_cli(*npz_args(ckpts, out), torchrun=True)
+    r = run_cli(*npz_args(*ckpts, out), torchrun=True)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "2 processes" in r.stderr  # tqdm's description on rank 0
-    assert "rank 0 sampled 6 images" in r.stdout  # batches 0 and 2 (4 + 2 images); rank 1 did batch 1
     with np.load(out) as f:
-        assert np.array_equal(f["arr_0"], uninterrupted[0])
-        assert np.array_equal(f["labels"], uninterrupted[1])
-
-
-def test_bad_input_exits_with_one_line(ckpts, tmp_path):
-    gen, tok = ckpts
-    r = run_cli("--ckpt", gen, "--tokenizer", tok, "--classes", 3, 10, "--out", tmp_path / "g.png")
-    assert r.returncode == 1
-    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ")
-    assert "[10]" in r.stderr and "0..9" in r.stderr and not (tmp_path / "g.png").exists()
+        assert np.array_equal(f["arr_0"], uninterrupted[1])
+        assert np.array_equal(f["labels"], uninterrupted[2])
+    assert json.loads(out.with_suffix(".json").read_text())["processes"] == 2
 
 
 def test_bad_inputs_are_reported(ckpts, tmp_path):
@@ -194,18 +194,20 @@ def test_bad_inputs_are_reported(ckpts, tmp_path):
     junk.write_bytes(b"\x00garbage" * 100)
     torn = tmp_path / "torn.safetensors"
     torn.write_bytes((10**6).to_bytes(8, "little") + b"{}")
+    junk_npz = tmp_path / "junk.npz"
+    junk_npz.write_bytes(b"PK\x03\x04 not a zip")
     small = save_tokenizer(tiny_tokenizer(codebook_size=512), tmp_path / "tok512.pt")
     grid = ["--out", tmp_path / "g.png"]
     cases = [
-        (["--ckpt", gen, "--tokenizer", tok, "--classes", -1, *grid], "out of range"),
+        (["--ckpt", gen, "--tokenizer", tok, "--classes", 3, 10, *grid], "[10] are out of range"),
+        (["--ckpt", gen, "--tokenizer", tok, "--classes", -1, *grid], "out of range: this generator knows classes 0..9"),
         (["--ckpt", gen, "--tokenizer", small, *grid], "codebook 512) does not match"),
         (["--ckpt", tmp_path / "nope.pt", "--tokenizer", tok, *grid], "not found"),
         (["--ckpt", junk, "--tokenizer", tok, *grid], "cannot read"),
         (["--ckpt", torn, "--tokenizer", tok, *grid], "not a valid .safetensors"),
         (["--ckpt", tok, "--tokenizer", tok, *grid], "not a generator"),
         (["--ckpt", gen, "--tokenizer", gen, *grid], "not a tokenizer"),
-        (["--ckpt", gen, "--tokenizer", tok, "--out", tmp_path / "no" / "g.png"], "does not exist"),
-        (["--ckpt", gen, "--tokenizer", tok, "--num-samples", 4, "--npz", tmp_path], "is a folder"),
+        (["--ckpt", gen, "--tokenizer", tok, "--num-samples", 4, "--npz", junk_npz], "another generator/tokenizer"),
     ]
     for argv, words in cases:
         with pytest.raises(SystemExit) as e:
@@ -213,3 +215,22 @@ def test_bad_inputs_are_reported(ckpts, tmp_path):
         msg = str(e.value.code)
         assert msg.startswith("error: ") and "\n" not in msg, msg
         assert words in msg, msg
+    assert not (tmp_path / "g.png").exists()
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--guidance-scale", "nan"], "--guidance-scale: must be a finite number"),
+    (["--randomize-temperature", "inf"], "must be a finite number"),
+    (["--temperature", "0"], "must be a finite number in"),
+    (["--num-steps", "0"], "must be a positive integer"),
+    (["--mask-schedule", "square"], "invalid choice"),
+    (["--out", "."], "is a folder"),
+    (["--out", "no/such/folder/g.png"], "does not exist"),
+    (["--num-samples", "4"], "--num-samples and --npz"),
+    (["--num-samples", "4", "--npz", "x.png"], "ending in .npz"),
+])
+def test_bad_flags_are_refused_by_argparse(flags, words, capsys):
+    with pytest.raises(SystemExit) as e:
+        sample.parse_args(["--ckpt", "g.pt", "--tokenizer", "t.pt", *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and words in err.splitlines()[-1], err

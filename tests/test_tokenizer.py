@@ -1,9 +1,11 @@
 """tokenizer.py against the official reference (fixtures in $TITOK_SHARED/parity, see its README),
 the released key layouts, the API contract and the CLI's error handling."""
 import json
+import lzma
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,16 +19,30 @@ SHARED = os.environ.get("TITOK_SHARED")
 LOCAL = Path(__file__).parent / "fixtures"
 
 
+def fixture_folders(sub: str = "") -> list[Path]:
+    """Where the reference fixtures live: $TITOK_SHARED/parity first, else tests/fixtures."""
+    return [f / sub for f in ([Path(SHARED) / "parity"] if SHARED else []) + [LOCAL] if (f / sub).is_dir()]
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor] | None:
+    """A .safetensors file, else its lossless xz copy (tests/fixtures keeps the large ones so), else None."""
+    xz = path.with_name(path.name + ".xz")
+    if path.is_file() or not xz.is_file():
+        return T.read_safetensors(path) if path.is_file() else None
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / path.name).write_bytes(lzma.decompress(xz.read_bytes()))
+        return T.read_safetensors(Path(tmp) / path.name)
+
+
 def case_files(name: str):
-    """(json, weights, io) of a parity case: from $TITOK_SHARED/parity, else the small copies in
+    """(json, weights, io) of a parity case: from $TITOK_SHARED/parity, else the copies in
     tests/fixtures/. Skips (saying why) only when neither has it."""
-    for folder in ([Path(SHARED) / "parity"] if SHARED else []) + [LOCAL]:
+    for folder in fixture_folders():
         if (folder / f"{name}.json").is_file():
-            meta = json.loads((folder / f"{name}.json").read_text())
-            weights = folder / f"{name}.weights.safetensors"
-            return (meta, T.read_safetensors(weights) if weights.is_file() else None,
-                    T.read_safetensors(folder / f"{name}.io.safetensors"))
-    pytest.skip(f"parity case {name} needs TITOK_SHARED=<path to shared/> (not copied into tests/fixtures)")
+            return (json.loads((folder / f"{name}.json").read_text()),
+                    read_tensors(folder / f"{name}.weights.safetensors"),
+                    read_tensors(folder / f"{name}.io.safetensors"))
+    pytest.skip(f"parity case {name} needs TITOK_SHARED=<path to shared/> (too large for tests/fixtures)")
 
 
 def close(a, b, atol):
@@ -128,10 +144,8 @@ def test_maskgit_vqgan_parity():
 
 
 def _real_keys():
-    folder = (Path(SHARED) / "parity" / "real_keys") if SHARED else None
-    if folder is None or not folder.is_dir():
-        pytest.skip("real key lists need TITOK_SHARED=<path to shared/>")
-    return folder
+    """The key -> shape lists of the released checkpoints (no weights; shared/ or tests/fixtures)."""
+    return fixture_folders("real_keys")[0]
 
 
 @pytest.mark.parametrize("preset", [p for p in T.PRESETS if p != "tiny"])
@@ -306,10 +320,34 @@ def test_cli_bad_input_is_one_line_error(problem, tiny_ckpt, tmp_path):
     assert r.stderr.startswith("error: ")
 
 
-def test_record_results_merges_sections_atomically(tmp_path):
-    path = tmp_path / "out" / "results.json"
-    T.record_results(path, "train_tok", {"wall_s": 1.5})
-    T.record_results(path, "sample", {"num_samples": 10})
-    T.record_results(path, "train_tok", {"wall_s": 2.0})  # a section is replaced, the others kept
-    assert json.loads(path.read_text()) == {"train_tok": {"wall_s": 2.0}, "sample": {"num_samples": 10}}
-    assert [p.name for p in path.parent.iterdir()] == ["results.json"]  # no temp file left behind
+@pytest.mark.parametrize("mode", ["I;16", "I", "F", "RGBA", "LA", "P+transparency", "L", "1", "CMYK", "RGB"])
+def test_open_rgb_converts_every_mode(mode, tmp_path):
+    """Each PIL mode -> the 8-bit RGB a viewer shows: 16/32-bit grey scaled (not clipped to white),
+    float grey read as [0, 1], transparent pixels on white."""
+    from PIL import Image
+    import numpy as np
+    grey = np.tile(np.arange(0, 256, 16, dtype=np.uint8), (8, 1))               # (8, 16) 0..240
+    want = np.repeat(grey[..., None], 3, axis=2)
+    if mode in ("I;16", "I"):
+        img = Image.fromarray(grey.astype(np.uint16) * 257)                      # mode I;16
+        img = img if mode == "I;16" else img.convert("I")
+    elif mode == "F":
+        img = Image.fromarray(grey.astype(np.float32) / 255.0, "F")
+    elif mode in ("RGBA", "LA"):
+        alpha = np.where(np.arange(16) < 8, 255, 0).astype(np.uint8)[None].repeat(8, 0)
+        img = Image.fromarray(np.dstack([want, alpha]) if mode == "RGBA" else np.dstack([grey, alpha]), mode)
+        want = np.where(alpha[..., None] == 0, 255, want)
+    elif mode == "P+transparency":
+        img = Image.fromarray(grey, "L").convert("P")
+        img.info["transparency"] = img.getpixel((0, 0))                          # the black column
+        want = np.where(grey[..., None] == 0, 255, want)
+    elif mode == "1":
+        img = Image.fromarray(grey >= 128)
+        want = np.repeat(np.where(grey >= 128, 255, 0).astype(np.uint8)[..., None], 3, axis=2)
+    else:
+        img = Image.fromarray(want, "RGB").convert(mode)
+    path = tmp_path / ("x.tif" if mode in ("F", "CMYK", "I") else "x.png")
+    img.save(path)
+    got = np.asarray(T.open_rgb(path))
+    assert got.shape == want.shape and got.dtype == np.uint8
+    assert np.abs(got.astype(int) - want).max() <= 1, (mode, got[0], want[0])

