@@ -612,8 +612,8 @@ def main(argv: list[str] | None = None) -> None:
                                      "model": t.tok.state_dict(), "ema": t.ema.shadow, "step": R.max_steps})
             if start < R.max_steps:  # steps were trained (not only a missing export rewritten)
                 write_summary(out, dict(preset=run.preset, recipe=R.name, steps=R.max_steps, heldout_images=len(
-                    held_idx), wall_s=round(elapsed + time.perf_counter() - began, 1), **{f"heldout_{k}": last.get(k)
-                    for k in ("psnr", "codebook_usage", "perplexity")}))
+                    held_idx), wall_s=round(elapsed + time.perf_counter() - began, 1), heldout_psnr=last.get("psnr"),
+                    **{k: last.get(k) for k in ("heldout_codebook_usage", "heldout_perplexity")}))
             print(f"done: step {R.max_steps}; wrote {export}, {t.last_checkpoint}, {out}/log.jsonl")
 
 # ----------------------------------------------------------------------------------------------
