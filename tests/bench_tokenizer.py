@@ -1,8 +1,8 @@
 """Tokenizer speed, run by hand: `python tests/bench_tokenizer.py [--preset titok_s128] [--device cpu]`.
 Random weights; encode, the ViT decoder, the MaskGIT-VQGAN pixel decoder and the whole decode, in
 fp32 and bf16 autocast, measured side by side in one run, with this machine's matmul peak and the
-official implementation's fp32 seconds per batch of 8 (../shared/reference_timings.md: the
-reference timed on a 2-core host of this kind)."""
+official implementation's fp32 seconds per batch of 8 (the reference timed on a 2-core host of
+this kind, same weights)."""
 import argparse
 import sys
 from pathlib import Path
