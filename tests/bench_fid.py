@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fid  # noqa: E402
-from bench_util import timeit  # noqa: E402
+from tests.bench_util import timeit  # noqa: E402
 from tokenizer import default_device, device_arg, positive_int  # noqa: E402
 
 

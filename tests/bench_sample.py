@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import generator  # noqa: E402
 import tokenizer  # noqa: E402
-from bench_util import flops, matmul_gflops, timeit  # noqa: E402
+from tests.bench_util import flops, matmul_gflops, timeit  # noqa: E402
 
 # The official implementation, fp32, one batch of 8 at the default settings: seconds of token
 # sampling without decoding, measured on the 2-core CPU machine of the README's table.

@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tokenizer as T  # noqa: E402
-from bench_util import flops, matmul_gflops, timeit  # noqa: E402
+from tests.bench_util import flops, matmul_gflops, timeit  # noqa: E402
 
 OFFICIAL_SECONDS = {"titok_s128": {"encode": 0.94, "decode (pixel)": 5.6, "decode (total)": 6.5},
                     "titok_l32": {"encode": 7.7, "decode (total)": 13.2}}

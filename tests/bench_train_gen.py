@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import generator  # noqa: E402
 import tokenizer as T  # noqa: E402
 import train_gen  # noqa: E402
-from bench_util import flops, matmul_gflops, timeit  # noqa: E402
+from tests.bench_util import flops, matmul_gflops, timeit  # noqa: E402
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tokenizer as T  # noqa: E402
 import train_tok as TT  # noqa: E402
-from bench_util import timeit  # noqa: E402
+from tests.bench_util import timeit  # noqa: E402
 
 
 def main() -> None:
