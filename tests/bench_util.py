@@ -28,3 +28,15 @@ def matmul_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, device: str
     a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     return 2 * n ** 3 / timeit(lambda: (a @ b, sync()), 5) / 1e9
+
+
+def bench_parser(doc: str, presets, repeats: int = 2, **preset_kw):
+    """The flags every benchmark shares: --preset, --batch-size, --repeats, --device (cpu by default)."""
+    import argparse
+    import tokenizer as T
+    p = argparse.ArgumentParser(description=doc)
+    p.add_argument("--preset", choices=list(presets), **preset_kw)
+    p.add_argument("--batch-size", type=T.positive_int, default=8)
+    p.add_argument("--repeats", type=T.positive_int, default=repeats)
+    p.add_argument("--device", type=T.device_arg, default=torch.device("cpu"))
+    return p

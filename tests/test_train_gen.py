@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT))
 import generator  # noqa: E402
 import tokenizer  # noqa: E402
 import train_gen  # noqa: E402
+from test_train_tok import one_line_error  # noqa: E402
 
 SHORT = ["--batch-size", 8, "--max-steps", 6, "--save-every", 3, "--log-every", 1, "--eval-every", 100,
          "--warmup-steps", 2]
@@ -41,11 +42,7 @@ def main(*args) -> None:
 
 
 def error_of(*args) -> str:
-    with pytest.raises(SystemExit) as e:
-        main(*args)
-    message = str(e.value.code)
-    assert message.startswith("error: ") and "\n" not in message, message
-    return message
+    return one_line_error(main, *args)
 
 
 def records(out: Path) -> list[dict]:  # the log without the wall-clock speeds

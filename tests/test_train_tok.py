@@ -65,13 +65,18 @@ def main(*args) -> None:
     TT.main([str(a) for a in args])
 
 
-def error_of(*args) -> str:
-    """The one-line message a bad command line ends with (exit status 1)."""
+def one_line_error(main, *args) -> str:
+    """The one-line message a bad command line of `main` ends with (exit status 1); train_gen's tests
+    use it too."""
     with pytest.raises(SystemExit) as e:
         main(*args)
     message = str(e.value.code)
     assert message.startswith("error: ") and "\n" not in message, message
     return message
+
+
+def error_of(*args) -> str:
+    return one_line_error(main, *args)
 
 
 def log_of(out: Path) -> list[dict]:  # the log without wall-clock speeds
