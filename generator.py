@@ -24,17 +24,12 @@ positions. `class_labels` passed to the models are in [0, C]; the label C means 
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
+import dataclasses, json, math  # noqa: E401
 from pathlib import Path
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+import torch, torch.nn as nn, torch.nn.functional as F  # noqa: E401
 
 from tokenizer import UserError, checkpoint_weights, guess_preset, load_official_weights, read_checkpoint
-
 
 # ----------------------------------------------------------------------------------------------
 # 1. Training (MaskGIT Sec. 3.1): mask schedule, random masking, label dropout, the loss
@@ -52,12 +47,10 @@ def mask_ratio(progress, schedule: str = "arccos"):
         return 1 - progress
     raise ValueError(f"unknown mask schedule {schedule!r} (arccos, cosine or linear)")
 
-
 def _rand(shape, generator: torch.Generator | None, device) -> torch.Tensor:
     """U[0,1) float32 from `generator` (else `device`'s global RNG), on `device`: every draw, in order."""
     source = generator.device if generator is not None else device
     return torch.rand(shape, generator=generator, device=source).to(device)
-
 
 def mask_tokens(ids: torch.Tensor, schedule: str = "arccos", *, mask_id: int,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,14 +64,12 @@ def mask_tokens(ids: torch.Tensor, schedule: str = "arccos", *, mask_id: int,
     mask = _rand((B, N), generator, ids.device).argsort(dim=-1) < num_masked[:, None]  # (B, N)
     return torch.where(mask, mask_id, ids), mask
 
-
 def drop_labels(class_labels: torch.Tensor, drop_prob: float, null_label: int,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Classifier-free guidance training: each label becomes null_label with probability drop_prob
     (one U(0,1) draw per label, as the reference)."""
     drop = _rand(class_labels.shape, generator, class_labels.device) < drop_prob
     return torch.where(drop, null_label, class_labels)
-
 
 def masked_token_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                       label_smoothing: float = 0.1, unmasked_weight: float = 0.1
@@ -94,14 +85,12 @@ def masked_token_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.T
     correct = (logits.argmax(-1) == targets).to(ce.dtype) * m
     return loss, (correct.sum(1) / (m.sum(1) + 1e-8)).mean()
 
-
 # ----------------------------------------------------------------------------------------------
 # 2. Sampling (MaskGIT Sec. 3.2): iterative decoding with classifier-free guidance
 
 def gumbel_noise(u: torch.Tensor) -> torch.Tensor:
     """-log(-log(u)): U(0,1) -> Gumbel(0,1); argmax(logits + g) samples softmax(logits) (Gumbel-max)."""
     return -torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
-
 
 def guidance_scale_at(step: int, num_steps: int, guidance_scale: float, schedule: str,
                       guidance_pow: float = 3.0):
@@ -115,7 +104,6 @@ def guidance_scale_at(step: int, num_steps: int, guidance_scale: float, schedule
         p = torch.tensor(guidance_pow, dtype=torch.float32)  # 0-dim: usable with logits on any device
         return (guidance_scale - 1) * ((1 - torch.cos((step / num_steps) ** p * torch.pi)) / 2) + 1
     raise ValueError(f"unknown guidance schedule {schedule!r} (constant, linear or power-cosine)")
-
 
 def guided_logits(model: nn.Module, ids: torch.Tensor, class_labels: torch.Tensor, scale,
                   schedule: str, generator: torch.Generator | None) -> torch.Tensor:
@@ -131,7 +119,6 @@ def guided_logits(model: nn.Module, ids: torch.Tensor, class_labels: torch.Tenso
     if schedule == "power-cosine":   # MDT's form: interpolate from the unconditional logits
         return uncond + (cond - uncond) * scale
     return cond + (cond - uncond) * scale                            # MUSE's form
-
 
 @torch.no_grad()
 def generate(model: nn.Module, class_labels: torch.Tensor, num_steps: int = 8, guidance_scale: float = 3.0,
@@ -168,7 +155,6 @@ def generate(model: nn.Module, class_labels: torch.Tensor, num_steps: int = 8, g
         ids = candidates if last else torch.where(confidence <= cutoff, model.mask_id, candidates)
     return ids
 
-
 # ----------------------------------------------------------------------------------------------
 # 3. What both transformers share: the token space, a Linear for bf16 matmuls, attention, init
 
@@ -185,7 +171,6 @@ class MaskedTokenModel(nn.Module):
         """[class token, N image tokens] (B, 1+N); class c becomes id K+1+c, the null label C -> K+1+C."""
         return torch.cat([(class_labels + self.codebook_size + 1).view(-1, 1), input_ids], dim=1)
 
-
 class Linear(nn.Linear):
     """nn.Linear that casts its input to the weight dtype (in fp32 a plain Linear). After cast_matmuls
     the matmuls, and the attention / GELU between two of them, run in bf16, while the residual stream
@@ -193,7 +178,6 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
-
 
 def cast_matmuls(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """Linear weights in `dtype` (bf16: twice the matmul throughput on AMX CPUs and GPUs), except the
@@ -203,7 +187,6 @@ def cast_matmuls(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Mo
             m.to(dtype)
     return model
 
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
               dropout_p: float = 0.0) -> torch.Tensor:
     """Multi-head scaled dot-product attention of both generators: q, k, v (B, L, D) -> (B, L, D)."""
@@ -212,7 +195,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
     y = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), dropout_p=dropout_p)
     return y.transpose(1, 2).reshape(B, L, D)
 
-
 def _init_weights(m: nn.Module) -> None:
     """The references' init, for training from scratch: N(0, 0.02) weights (truncated at +-2, as
     U-ViT's), zero biases; LayerNorms keep torch's unit weight and zero bias."""
@@ -220,7 +202,6 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.trunc_normal_(m.weight, std=0.02)
         if getattr(m, "bias", None) is not None:
             nn.init.zeros_(m.bias)
-
 
 # ----------------------------------------------------------------------------------------------
 # 4. ImageBert: a BERT encoder (post-LN) over [class token, image tokens]. The ModuleDicts only
@@ -239,7 +220,6 @@ class PostNormResidual(nn.Module):
     def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(residual + self.dropout(self.dense(h)))
 
-
 class BertLayer(nn.Module):
     """x = LN(x + attention(x)); x = LN(x + MLP(x)). Keys attention.self.{query,key,value} (separate
     projections, all with bias), attention.output, intermediate.dense, output."""
@@ -257,7 +237,6 @@ class BertLayer(nn.Module):
         h = attention(a.query(x), a.key(x), a.value(x), self.num_heads, p)
         x = self.attention.output(h, x)
         return self.output(F.gelu(self.intermediate.dense(x)), x)    # exact (erf) GELU, BERT's "gelu"
-
 
 class ImageBert(MaskedTokenModel):
     """The MaskGIT transformer of TiTok-L-32 / B-64: BERT-large-ish depth at width 768. Its
@@ -287,7 +266,6 @@ class ImageBert(MaskedTokenModel):
             x = layer(x)
         return self.model.lm_head(x[:, 1:])  # drop the class position
 
-
 # ----------------------------------------------------------------------------------------------
 # 5. UViTBert: pre-LN blocks with long skips (U-ViT, Bao et al. 2023), used for TiTok-S-128
 
@@ -311,7 +289,6 @@ class UViTBlock(nn.Module):
         q, k, v = self.attn.qkv(self.norm1(x)).chunk(3, dim=-1)     # packed as (3, heads, head_dim)
         x = x + self.attn.proj(attention(q, k, v, self.num_heads))
         return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
-
 
 class UViTBert(MaskedTokenModel):
     """num_layers // 2 in-blocks, a mid-block, num_layers // 2 out-blocks (S-128: 10 + 1 + 10)."""
@@ -341,7 +318,6 @@ class UViTBert(MaskedTokenModel):
             x = block(x, skips.pop())  # last in-block pairs with the first out-block
         return self.lm_head(self.norm(x)[:, 1:])
 
-
 def build_generator(cfg: GeneratorConfig) -> MaskedTokenModel:
     """ImageBert or UViTBert; keeps `config` (checkpoints) and `preset` (set by load_generator)."""
     if cfg.hidden_size % cfg.num_heads:
@@ -354,7 +330,6 @@ def build_generator(cfg: GeneratorConfig) -> MaskedTokenModel:
              else UViTBert(*shape))
     model.config, model.preset = cfg, None
     return model
-
 
 # ----------------------------------------------------------------------------------------------
 # 6. Configuration, the released presets and their sampling settings
@@ -372,7 +347,6 @@ class GeneratorConfig:
     dropout: float = 0.1             # hidden dropout (ImageBert only; the reference U-ViT has none)
     attn_dropout: float = 0.1        # attention-probability dropout (ImageBert only)
     class_label_dropout: float = 0.1  # training: probability of replacing a label by the null class
-
 
 # Released generators (official configs/infer/TiTok/*.yaml) and a CPU-sized one for the tiny
 # tokenizer (32x32 images, 32 tokens, 1024 codes, 10 classes).
@@ -393,10 +367,8 @@ DEFAULT_SAMPLING: dict[str, dict] = {name: dict(kw, softmax_annealing=True) for 
     "tiny": dict(num_steps=8, guidance_scale=2.0, guidance_schedule="linear", randomize_temperature=4.5),
 }.items()}
 
-
 def config_to_dict(cfg: GeneratorConfig) -> dict:
     return dataclasses.asdict(cfg)
-
 
 def config_from_dict(d: dict) -> GeneratorConfig:
     """Inverse of config_to_dict (our checkpoints' "config"); build_generator checks the values."""
@@ -404,7 +376,6 @@ def config_from_dict(d: dict) -> GeneratorConfig:
     if unknown:
         raise UserError(f"generator config has unknown fields {unknown}")
     return GeneratorConfig(**d)
-
 
 def config_from_official(cfg: dict) -> GeneratorConfig:
     """The official config (YAML / HF config.json: model.vq_model, model.generator) as ours."""
@@ -421,7 +392,6 @@ def config_from_official(cfg: dict) -> GeneratorConfig:
     except KeyError as e:
         raise UserError(f"official generator config lacks {e} (expected model.vq_model and "
                         "model.generator with model_type 'ViT' or 'UViT')") from None
-
 
 # ----------------------------------------------------------------------------------------------
 # 7. Loading: official checkpoints (strict) and our own

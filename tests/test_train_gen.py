@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT))
 import generator  # noqa: E402
 import tokenizer  # noqa: E402
 import train_gen  # noqa: E402
+import train_tok  # noqa: E402
 from test_train_tok import one_line_error  # noqa: E402
 
 SHORT = ["--batch-size", 8, "--max-steps", 6, "--save-every", 3, "--log-every", 1, "--eval-every", 100,
@@ -52,7 +53,7 @@ def records(out: Path) -> list[dict]:  # the log without the wall-clock speeds
 
 def small_trainer(cfg, R):
     torch.manual_seed(0)
-    return train_gen.GenTrainer(R, tokenizer.Dist(0, 1, 0, torch.device("cpu")), generator.build_generator(cfg))
+    return train_gen.GenTrainer(R, train_tok.Dist(0, 1, 0, torch.device("cpu")), generator.build_generator(cfg))
 
 
 def test_one_step_is_finite_and_changes_parameters():
