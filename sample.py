@@ -8,12 +8,11 @@ evaluator (or fid.py) computes gFID against the reference batch.
   python sample.py --ckpt GEN --tokenizer TOK --classes 207 360 387 --per-class 4 --out grid.png
   torchrun --nproc_per_node=8 sample.py --ckpt GEN --tokenizer TOK --num-samples 50000 --npz samples.npz
 
-Read first `sample_images` (one batch: tokens, then pixels), then `run_npz` (resumable: rerun the
-same command). Batch b draws its noise from its own RNG seeded with (--seed, b), so the samples
-depend on the two models, the seed, the batch size and the settings only: a resumed run, or one
-split over processes, writes exactly the images of one uninterrupted process. The settings default
-to the official ones of the generator's preset (generator.DEFAULT_SAMPLING).
-"""
+Read first `sample_images` (section 1: one batch, tokens then pixels), then `run_npz` (section 3,
+resumable: rerun the same command). Batch b draws its noise from its own RNG seeded with (--seed, b),
+so the samples depend on the two models, the seed, the batch size and the settings only: a resumed
+run, or one split over processes, writes exactly the images of one uninterrupted process. Settings
+default to the official ones of the generator's preset (generator.DEFAULT_SAMPLING)."""
 from __future__ import annotations
 
 import argparse, hashlib, inspect, json, math, os, shutil, sys, time  # noqa: E401
@@ -25,6 +24,8 @@ from tqdm import tqdm
 import generator, tokenizer  # noqa: E401
 from tokenizer import UserError, float_in, positive_int, write_atomic
 from train_tok import Dist, barrier, distributed, image_grid
+
+# 1. One batch: token ids from the generator, then pixels from the tokenizer.
 
 @torch.no_grad()
 def sample_images(model: torch.nn.Module, tok: tokenizer.TiTok, labels: list[int], settings: dict,
@@ -39,6 +40,8 @@ def sample_images(model: torch.nn.Module, tok: tokenizer.TiTok, labels: list[int
     # of tokenizer.to_uint8): the published gFIDs were measured on these pixels, so we do the same.
     return (images.clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
+# 2. A picture: one row per class.
+
 def run_grid(args, sample, labels: list[int], settings: dict, d: Dist) -> None:
     """One row per class, --per-class images each; image_grid enlarges small images."""
     start = time.perf_counter()
@@ -47,7 +50,7 @@ def run_grid(args, sample, labels: list[int], settings: dict, d: Dist) -> None:
     tokenizer.save_image(image_grid(x, args.per_class), args.out)
     print(f"wrote {args.out}: {len(x)} images in {time.perf_counter() - start:.1f} s")
 
-# -- The evaluation protocol: --num-samples images into one .npz, resumable, over torchrun ranks --
+# 3. The evaluation protocol: --num-samples images into one .npz, resumable, over torchrun ranks.
 
 def fingerprint(args, settings: dict) -> dict:
     """Everything the samples depend on. Models by CONTENT (sha256 of the file, or of every file of
@@ -105,7 +108,7 @@ def run_npz(args, sample, labels: list[int], settings: dict, d: Dist) -> None:
     write_atomic(out.with_suffix(".json"), lambda f: f.write(json.dumps(summary, indent=1).encode()))
     print(f"wrote {out}: {len(images)} samples (arr_0 uint8 {images.shape}, labels), {out.with_suffix('.json')}")
 
-# -- Command line ---------------------------------------------------------------------------------
+# 4. Command line.
 
 def output_file(s: str) -> Path:
     """argparse type: a file to write, in a folder that exists (checked before any sampling)."""
