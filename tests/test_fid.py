@@ -4,11 +4,10 @@ Parity: $TITOK_SHARED/parity/fid_inception_* hold random weights keyed like the 
 pt_inception-2015-12-05-6726825d.pth and the outputs pytorch-fid 0.3.0 and torch-fidelity 0.4.0
 computed from them (README_fid_lpips.md there). Real weights: $TITOK_INCEPTION (fid-helper's
 default_1.pt, or the real .pth). Tests that need either skip, saying so, when it is unset.
+Bad input: test_bad_inputs.py.
 """
-import errno
 import json
 import os
-import subprocess
 import sys
 import warnings
 import zipfile
@@ -319,89 +318,13 @@ def test_stats_files_stand_in_for_their_images(tmp_path, capsys, random_weights,
     assert set(res) == {"fid", "n_samples", "n_ref", "inception_score", "inception_score_std", "resize", "wall_s"}
     assert res["n_samples"] == 3 and res["n_ref"] == 2 and f"{res['fid']:.4f}" in out
     assert abs(res["inception_score"] - fid.inception_score(logits, 2)[0]) < 1e-6
-    # Statistics made with the other preprocessing are refused.
-    code, _, err = run_cli(capsys, tmp_path / "b_stats.npz", tmp_path / "a.npz", *w, "--resize", "torch")
-    assert code == 1 and "--resize tf1" in err and err.count("\n") == 1
 
 
-def bad_inputs(tmp: Path) -> dict:
-    """name -> (argv, part of the expected message)."""
-    (tmp / "empty").mkdir()
-    (tmp / "one").mkdir()
-    Image.new("RGB", (8, 8)).save(tmp / "one" / "a.png")
-    (tmp / "notes").mkdir()
-    (tmp / "notes" / "readme.txt").write_text("no images here")
-    mixed = np.empty(2, dtype=object)
-    mixed[0], mixed[1] = np.zeros((8, 8, 3), np.uint8), np.zeros((9, 9, 3), np.uint8)
-    np.savez(tmp / "mixed.npz", arr_0=mixed)
-    np.savez(tmp / "wrongkey.npz", images=np.zeros((2, 8, 8, 3), np.uint8))
-    np.savez(tmp / "musonly.npz", mu=np.zeros(8))
-    np.savez(tmp / "badshape.npz", mu=np.zeros(8), sigma=np.zeros((8, 7)))
-    np.savez(tmp / "float.npz", arr_0=np.zeros((2, 8, 8, 3), np.float32))
-    np.savez(tmp / "two.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
-    (tmp / "junk.npz").write_bytes(b"this is not a zip file")
-    np.savez(tmp / "good.npz", mu=np.zeros(8), sigma=np.eye(8))
-    return {
-        "empty folder": (["fid", tmp / "empty", tmp / "good.npz"], "found 0"),
-        "no image files": (["stats", tmp / "notes", "--out", tmp / "x.npz"], "found 0"),
-        "one image": (["fid", tmp / "one", tmp / "good.npz", "--splits", "1"], "need 2 images or more"),
-        "fewer images than IS splits": (["fid", tmp / "two.npz", tmp / "good.npz"], "need 10 images or more"),
-        "missing input": (["fid", tmp / "nope.npz", tmp / "good.npz"], "input not found"),
-        "mixed sizes in npz": (["fid", tmp / "mixed.npz", tmp / "good.npz"], "Object arrays"),
-        "npz without arr_0": (["fid", tmp / "wrongkey.npz", tmp / "good.npz"], "not an .npz of images (arr_0)"),
-        "stats without sigma": (["fid", tmp / "good.npz", tmp / "musonly.npz"], "or statistics (mu, sigma)"),
-        "wrong-shaped stats": (["fid", tmp / "good.npz", tmp / "badshape.npz"], "statistics do not fit"),
-        "float images": (["fid", tmp / "float.npz", tmp / "good.npz"], "must be uint8"),
-        "not an npz": (["fid", tmp / "junk.npz", tmp / "good.npz"], "not an .npz"),
-        "missing weights": (["stats", tmp / "two.npz", "--out", tmp / "x.npz", "--inception", tmp / "w.pth"],
-                            "Inception weights not found"),
-        "json is a folder": (["fid", tmp / "good.npz", tmp / "good.npz", "--json", tmp / "empty"], "is a folder"),
-        "--out is a folder": (["stats", tmp / "two.npz", "--out", tmp / "empty"], "is a folder"),
-    }
-
-
-def test_bad_input_gives_one_line_error(tmp_path, capsys):
-    for name, (argv, msg) in bad_inputs(tmp_path).items():
-        code, out, err = run_cli(capsys, *argv)
-        assert code == 1, name
-        assert err.startswith("error: ") and err.count("\n") == 1 and msg in err, (name, err)
-    # Two statistics files need no network, and a statistics file is its own FID-0 reference.
+def test_two_statistics_files_need_no_network(tmp_path, capsys):
+    """A statistics file is its own FID-0 reference; no Inception weights are read (there are none)."""
+    np.savez(tmp_path / "good.npz", mu=np.zeros(8), sigma=np.eye(8))
     code, out, err = run_cli(capsys, tmp_path / "good.npz", tmp_path / "good.npz", "--inception", tmp_path / "w.pth")
     assert code == 0 and number(out, "fid") == 0, err
-
-
-def test_write_failures_leave_nothing_behind(tmp_path, capsys, monkeypatch, random_weights):
-    np.savez(tmp_path / "two.npz", arr_0=smooth_images(2, 16).permute(0, 2, 3, 1).numpy())
-    real_open = open
-    def full_disk(path, mode="r", *a, **k):  # the disk fills up half way through the stats file
-        f = real_open(path, mode, *a, **k)
-        if "w" in mode and str(path).endswith(".tmp"):
-            f.write(b"half")
-            f.close()
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return f
-    monkeypatch.setattr("builtins.open", full_disk)
-    code, _, err = run_cli(capsys, "stats", tmp_path / "two.npz", "--out", tmp_path / "s.npz", "--inception", random_weights)
-    monkeypatch.undo()
-    assert code == 1 and err.count("\n") == 1 and f"cannot write {tmp_path / 's.npz'}" in err and "No space" in err, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["two.npz"]  # no stats file, no temp file
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
-def test_cuda_without_a_gpu_is_one_line(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "fid.py"), "a.npz", "b.npz", "--device", "cuda"],
-                       capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 2 and "CUDA is not available" in r.stderr.splitlines()[-1], r.stderr
-
-
-def test_unreadable_image_and_real_exit_status(tmp_path, random_weights):
-    write_pngs(tmp_path / "pngs", smooth_images(3, 16))
-    (tmp_path / "pngs" / "001.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    r = subprocess.run([sys.executable, str(ROOT / "fid.py"), "stats", str(tmp_path / "pngs"),
-                        "--out", str(tmp_path / "x.npz"), "--inception", str(random_weights)],
-                       capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 1
-    assert r.stderr.count("\n") == 1 and "001.png: not a readable image" in r.stderr, r.stderr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -476,8 +399,3 @@ def test_rfid_cli_saves_the_reference_statistics(tmp_path, capsys, random_weight
     # The same images as an .npz at the tokenizer's size give the same numbers.
     code, out_npz, err = run_cli(capsys, *argv[:4], tmp_path / "real.npz", *argv[5:])
     assert code == 0 and out_npz.split("wall_s")[0] == out.split("wall_s")[0], err
-    np.savez(tmp_path / "big.npz", arr_0=np.zeros((2, 48, 48, 3), np.uint8))
-    code, _, err = run_cli(capsys, *argv[:4], tmp_path / "big.npz", *argv[5:])
-    assert code == 1 and "48, 48" in err and err.count("\n") == 1
-    code, _, err = run_cli(capsys, *argv[:2], tmp_path / "nope.pt", *argv[3:])
-    assert code == 1 and err.count("\n") == 1 and "not found" in err

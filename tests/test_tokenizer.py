@@ -1,5 +1,5 @@
 """tokenizer.py against the official reference (fixtures in $TITOK_SHARED/parity, see its README),
-the released key layouts, the API contract and the CLI's error handling."""
+the released key layouts, the API contract and the CLI. Bad input: test_bad_inputs.py."""
 import json
 import lzma
 import os
@@ -229,9 +229,6 @@ def test_safetensors_reader_roundtrip(tmp_path):
     (tmp_path / "t.safetensors").write_bytes(struct.pack("<Q", len(h)) + h + a.numpy().tobytes() + b.numpy().tobytes())
     sd = T.read_safetensors(tmp_path / "t.safetensors")
     assert torch.equal(sd["a"], a) and torch.equal(sd["b"], b) and set(sd) == {"a", "b"}
-    (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", 10 ** 6) + b"{}")
-    with pytest.raises(T.UserError, match="not a valid"):
-        T.read_safetensors(tmp_path / "bad.safetensors")
 
 
 def test_api_rejects_bad_input(tiny):
@@ -284,70 +281,3 @@ def test_cli_reconstructs_a_photo(tiny_ckpt, tmp_path):
     tok = T.load_tokenizer(tiny_ckpt)
     ids = tok.encode(T.load_image(tmp_path / "photo.jpg", 32)[None])[0].tolist()
     assert f"ids {ids}" in r.stdout
-
-
-@pytest.mark.parametrize("problem", ["missing", "not_image", "truncated", "wrong_preset", "generator_ckpt"])
-def test_cli_bad_input_is_one_line_error(problem, tiny_ckpt, tmp_path):
-    from PIL import Image
-    import numpy as np
-    img = tmp_path / "ok.png"
-    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(img)
-    ckpt = tiny_ckpt
-    if problem == "missing":
-        img = tmp_path / "nope.png"
-    elif problem == "not_image":
-        img = tmp_path / "x.png"
-        img.write_text("hello")
-    elif problem == "truncated":
-        Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(tmp_path / "t.png")
-        data = (tmp_path / "t.png").read_bytes()
-        img = tmp_path / "trunc.png"
-        img.write_bytes(data[: len(data) // 2])
-    elif problem == "wrong_preset":
-        sd = torch.load(tiny_ckpt, weights_only=True)["model"]
-        ckpt = tmp_path / "raw.pt"
-        torch.save(sd, ckpt)
-        r = run_cli("reconstruct", "--ckpt", ckpt, "--preset", "titok_s128", img, "--out", tmp_path / "o")
-        assert r.returncode != 0 and "look like preset 'tiny'" in r.stderr
-        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
-        return
-    elif problem == "generator_ckpt":
-        ckpt = tmp_path / "gen.pt"
-        torch.save({"kind": "generator", "config": {}, "model": {}}, ckpt)
-    r = run_cli("reconstruct", "--ckpt", ckpt, img, "--out", tmp_path / "o")
-    assert r.returncode != 0
-    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert r.stderr.startswith("error: ")
-
-
-@pytest.mark.parametrize("mode", ["I;16", "I", "F", "RGBA", "LA", "P+transparency", "L", "1", "CMYK", "RGB"])
-def test_open_rgb_converts_every_mode(mode, tmp_path):
-    """Each PIL mode -> the 8-bit RGB a viewer shows: 16/32-bit grey scaled (not clipped to white),
-    float grey read as [0, 1], transparent pixels on white."""
-    from PIL import Image
-    import numpy as np
-    grey = np.tile(np.arange(0, 256, 16, dtype=np.uint8), (8, 1))               # (8, 16) 0..240
-    want = np.repeat(grey[..., None], 3, axis=2)
-    if mode in ("I;16", "I"):
-        img = Image.fromarray(grey.astype(np.uint16) * 257)                      # mode I;16
-        img = img if mode == "I;16" else img.convert("I")
-    elif mode == "F":
-        img = Image.fromarray(grey.astype(np.float32) / 255.0, "F")
-    elif mode in ("RGBA", "LA"):
-        alpha = np.where(np.arange(16) < 8, 255, 0).astype(np.uint8)[None].repeat(8, 0)
-        img = Image.fromarray(np.dstack([want, alpha]) if mode == "RGBA" else np.dstack([grey, alpha]), mode)
-        want = np.where(alpha[..., None] == 0, 255, want)
-    elif mode == "P+transparency":
-        img = Image.fromarray(grey, "L").convert("P")
-        img.info["transparency"] = img.getpixel((0, 0))                          # the black column
-        want = np.where(grey[..., None] == 0, 255, want)
-    elif mode == "1":
-        img = Image.fromarray(grey >= 128)
-        want = np.repeat(np.where(grey >= 128, 255, 0).astype(np.uint8)[..., None], 3, axis=2)
-    else:
-        img = Image.fromarray(want, "RGB").convert(mode)
-    path = tmp_path / ("x.tif" if mode in ("F", "CMYK", "I") else "x.png")
-    img.save(path)
-    got = np.asarray(T.open_rgb(path))
-    assert got.shape == want.shape and got.dtype == np.uint8
-    assert np.abs(got.astype(int) - want).max() <= 1, (mode, got[0], want[0])

@@ -1,5 +1,5 @@
 """train_gen.py: a step trains, a small token set is learnt, a resumed run and torchrun equal one
-uninterrupted process, tokenise -> train -> sample works end to end, bad input is one line."""
+uninterrupted process, tokenise -> train -> sample works end to end. Bad input: test_bad_inputs.py."""
 import json
 import os
 import shutil
@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,7 +16,6 @@ import generator  # noqa: E402
 import tokenizer  # noqa: E402
 import train_gen  # noqa: E402
 import train_tok  # noqa: E402
-from test_train_tok import one_line_error  # noqa: E402
 
 SHORT = ["--batch-size", 8, "--max-steps", 6, "--save-every", 3, "--log-every", 1, "--eval-every", 100,
          "--warmup-steps", 2]
@@ -42,10 +40,6 @@ def main(*args) -> None:
     train_gen.main([str(a) for a in args])
 
 
-def error_of(*args) -> str:
-    return one_line_error(main, *args)
-
-
 def records(out: Path) -> list[dict]:  # the log without the wall-clock speeds
     return [{k: v for k, v in json.loads(line).items() if not k.endswith("_per_s")}
             for line in (out / "log.jsonl").read_text().splitlines()]
@@ -65,11 +59,6 @@ def test_one_step_is_finite_and_changes_parameters():
     assert all(torch.isfinite(v) for v in stats.values())
     changed = [k for k, v in t.net.state_dict().items() if not torch.equal(v, before[k])]
     assert "model.lm_head.weight" in changed and len(changed) > 0.9 * len(before)
-    t.last_checkpoint = Path("ckpt_00000100.pt")   # a NaN stops before the update, naming the last good file
-    with torch.no_grad():
-        t.net.model.lm_head.weight.fill_(float("nan"))
-    with pytest.raises(tokenizer.UserError, match=r"loss is nan at step 7.*ckpt_00000100\.pt"):
-        train_gen.train_step(t, ids, torch.tensor([0, 1, 2, 3]), [0, 1, 2, 3], 7)
 
 
 def test_overfits_a_small_token_set():
@@ -89,18 +78,14 @@ def test_overfits_a_small_token_set():
     assert first < 0.2 and acc > 0.98, (first, acc)
 
 
-def test_resume_equals_uninterrupted_and_refuses_changed_settings(tmp_path):
+def test_resume_equals_uninterrupted(tmp_path):
     tokens = make_tokens(tmp_path / "tokens")
     main("--tokens", tokens, "--out", tmp_path / "a", *SHORT)
-    # "killed" after step 3: the step-3 checkpoint, a save's temp file and the log of a step 4
+    # "killed" after step 3: the step-3 checkpoint and the log of a step 4
     (tmp_path / "b").mkdir()
     shutil.copy(tmp_path / "a" / "ckpt_00000003.pt", tmp_path / "b")
-    (tmp_path / "b" / ".ckpt_00000006.pt.99.tmp").write_bytes(b"partial")
     lines = (tmp_path / "a" / "log.jsonl").read_text().splitlines()
     (tmp_path / "b" / "log.jsonl").write_text("\n".join(lines[:3] + ['{"step": 4, "loss": 99.0}']) + "\n")
-    for flag, value, old in (("--seed", 1, "42"), ("--eval-size", 5, "1000"), ("--data", tmp_path, ROOT / "data")):
-        assert f"--resume: {tmp_path / 'b'} was trained with {flag} {old}" in error_of(
-            "--tokens", tokens, "--out", tmp_path / "b", "--resume", *SHORT, flag, value)
     main("--tokens", tokens, "--out", tmp_path / "b", "--resume", *SHORT)
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["train_sequences"] == 64 and summary["wall_s"] > 0
@@ -110,12 +95,6 @@ def test_resume_equals_uninterrupted_and_refuses_changed_settings(tmp_path):
     stamp = (tmp_path / "b" / "generator.pt").stat().st_mtime_ns   # finished: nothing to do, nothing rewritten
     main("--tokens", tokens, "--out", tmp_path / "b", "--resume", *SHORT)
     assert (tmp_path / "b" / "generator.pt").stat().st_mtime_ns == stamp
-    assert "--resume" in error_of("--tokens", tokens, "--out", tmp_path / "b", *SHORT)  # never overwritten
-    # a run from step 0 (killed before its first checkpoint) starts its log afresh
-    (tmp_path / "c").mkdir()
-    (tmp_path / "c" / "log.jsonl").write_text('{"step": 1, "loss": 99.0}\n')
-    main("--tokens", tokens, "--out", tmp_path / "c", "--resume", *SHORT)
-    assert records(tmp_path / "c") == records(tmp_path / "a")
 
 
 def test_torchrun_two_processes_equal_one(tmp_path):
@@ -156,24 +135,8 @@ def test_tokenize_train_sample_round_trip(tmp_path):
     assert np.array_equal(ids[0], tok.encode(x)[0].numpy()) and np.array_equal(ids[21], tok.encode(x.flip(-1))[0].numpy())
     main("--tokens", tmp_path / "tokens", "--out", tmp_path / "gen", "--max-steps", 2, "--batch-size", 4, "--eval-every", 2)
     assert (tmp_path / "gen" / "samples_00000002.png").is_file()
-    # tokens made by one tokenizer are refused with another
-    torch.manual_seed(1)
-    torch.save({"kind": "tokenizer", "config": tokenizer.config_to_dict(tok.config),
-                "model": tokenizer.TiTok(tokenizer.PRESETS["tiny"]).state_dict()}, tmp_path / "other.pt")
-    assert "another tokenizer" in error_of("--tokens", tmp_path / "tokens", "--tokenizer", tmp_path / "other.pt",
-                                           "--out", tmp_path / "gen2", "--max-steps", 1)
     r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--ckpt", tmp_path / "gen" / "generator.pt",
                         "--tokenizer", tmp_path / "tok.pt", "--classes", "0", "2", "--per-class", "2",
                         "--out", tmp_path / "grid.png"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert Image.open(tmp_path / "grid.png").size[0] > 64
-
-
-@pytest.mark.parametrize("problem", ["codebook", "labels", "missing"])
-def test_bad_input_is_a_one_line_error(problem, tmp_path):
-    tokens, expect = {"codebook": (lambda: make_tokens(tmp_path / "t", codebook=512), "codebook 512"),
-                      "labels": (lambda: make_tokens(tmp_path / "t", label_max=10), "10 classes"),
-                      "missing": (lambda: tmp_path / "nowhere", "no tokens")}[problem]
-    tokens = tokens()
-    assert expect in error_of("--tokens", tokens, "--tokenizer", tmp_path / "no_tok.pt", "--out", tmp_path / "o",
-                              "--max-steps", 1)
