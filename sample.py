@@ -15,7 +15,7 @@ run, or one split over processes, writes exactly the images of one uninterrupted
 default to the official ones of the generator's preset (generator.DEFAULT_SAMPLING)."""
 from __future__ import annotations
 
-import argparse, hashlib, inspect, json, math, os, shutil, sys, time  # noqa: E401
+import argparse, inspect, json, math, os, shutil, sys, time  # noqa: E401
 from pathlib import Path
 
 import numpy as np, torch  # noqa: E401
@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import generator, tokenizer  # noqa: E401
 from tokenizer import UserError, float_in, positive_int, write_atomic
-from train_tok import Dist, barrier, distributed, image_grid
+from train_tok import Dist, barrier, distributed, image_grid, sha256_of
 
 # 1. One batch: token ids from the generator, then pixels from the tokenizer.
 
@@ -53,15 +53,9 @@ def run_grid(args, sample, labels: list[int], settings: dict, d: Dist) -> None:
 # 3. The evaluation protocol: --num-samples images into one .npz, resumable, over torchrun ranks.
 
 def fingerprint(args, settings: dict) -> dict:
-    """Everything the samples depend on. Models by CONTENT (sha256 of the file, or of every file of
-    a folder): a checkpoint retrained at the same path is another model, never to be mixed in."""
-    def sha256(path: Path) -> str:
-        h = hashlib.sha256()
-        for f in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
-            with open(f, "rb") as fh:
-                h.update(hashlib.file_digest(fh, "sha256").digest())
-        return h.hexdigest()
-    return {"generator_sha256": sha256(Path(args.ckpt)), "tokenizer_sha256": sha256(Path(args.tokenizer)),
+    """Everything the samples depend on; the models by CONTENT (a checkpoint retrained at the same path is
+    another model, never to be mixed in)."""
+    return {"generator_sha256": sha256_of(args.ckpt), "tokenizer_sha256": sha256_of(args.tokenizer),
             "num_samples": args.num_samples, "batch_size": args.batch_size, "seed": args.seed,
             "classes": args.classes, "dtype": args.dtype, "settings": settings}
 
@@ -88,7 +82,7 @@ def run_npz(args, sample, labels: list[int], settings: dict, d: Dist) -> None:
     shard, num_batches = lambda b: shards / f"{b:06d}.npy", math.ceil(len(labels) / args.batch_size)
     todo = [b for b in range(num_batches) if not shard(b).exists()]  # listed before anyone samples
     if d.is_main:
-        shards.mkdir(exist_ok=True)
+        shards.mkdir(parents=True, exist_ok=True)
         write_atomic(stamp, lambda f: f.write(key.encode()))
         if todo != list(range(num_batches)):
             print(f"resuming: {num_batches - len(todo)}/{num_batches} batches already in {shards}")
@@ -111,10 +105,9 @@ def run_npz(args, sample, labels: list[int], settings: dict, d: Dist) -> None:
 # 4. Command line.
 
 def output_file(s: str) -> Path:
-    """argparse type: a file to write, in a folder that exists (checked before any sampling)."""
-    if Path(s).is_dir() or not Path(s).parent.is_dir():
-        raise argparse.ArgumentTypeError(f"{s} is a folder; give a file name" if Path(s).is_dir()
-                                         else f"folder {Path(s).parent} does not exist")
+    """argparse type: a file to write, not a folder (checked before any sampling; missing folders are made)."""
+    if Path(s).is_dir():
+        raise argparse.ArgumentTypeError(f"{s} is a folder; give a file name")
     return Path(s)
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -653,11 +653,11 @@ def positive_int(s: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
     return v
 
-def float_in(lo: float, hi: float):
-    """An argparse type: a finite float in [lo, hi] (nan, inf and out-of-range values are refused)."""
+def float_in(lo: float, hi: float, below_hi: bool = False):
+    """An argparse type: a finite float in [lo, hi], or [lo, hi) with below_hi (nan and inf are refused)."""
     def number(s: str) -> float:  # (argparse names the type in "invalid number value")
-        if not (math.isfinite(v := float(s)) and lo <= v <= hi):
-            raise argparse.ArgumentTypeError(f"must be a finite number in [{lo:g}, {hi:g}], got {s}")
+        if not (math.isfinite(v := float(s)) and lo <= v <= hi and not (below_hi and v == hi)):
+            raise argparse.ArgumentTypeError(f"must be finite, in [{lo:g}, {hi:g}{')' if below_hi else ']'}, got {s}")
         return v
     return number
 
@@ -728,10 +728,11 @@ def write_atomic(path: str | os.PathLike, write) -> Path:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        free = shutil.disk_usage(path.parent).free / 2**20 if path.parent.is_dir() else 0
-        raise UserError(f"cannot write {path} ({e.strerror or e}; {free:.0f} MiB free there)") from None
+        free = f"; {shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there" if path.parent.is_dir() else ""
+        raise UserError(f"cannot write {path} ({e.strerror or e}{free})") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (under a file that is no folder, there is no temp to remove)
+            tmp.unlink(missing_ok=True)
     return path
 
 # -- images -------------------------------------------------------------------------------------
@@ -788,8 +789,7 @@ def save_image(x: torch.Tensor, path: str | os.PathLike) -> None:
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of images in [0, 1] (the MSE over the whole batch)."""
-    mse = F.mse_loss(a.float(), b.float()).item()
-    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+    return 10 * math.log10(1.0 / mse) if (mse := F.mse_loss(a.float(), b.float()).item()) else math.inf
 
 def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
     """bf16 autocast for dtype "bf16", nothing for "fp32". Discrete decisions (the quantizer's

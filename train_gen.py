@@ -14,7 +14,7 @@ stream) is train_tok.py's, imported.
 """
 from __future__ import annotations
 
-import argparse, dataclasses, hashlib, json, os, sys, time  # noqa: E401
+import argparse, dataclasses, json, os, shutil, sys, time  # noqa: E401
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +24,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import generator, tokenizer  # noqa: E401
 from tokenizer import UserError, autocast, write_atomic
 from train_tok import (EMA, EVAL_SIZE, HERE, Dist, OneLineErrorParser, TrainSet, add_recipe_flags, barrier,
-                       check_finite, checkpoint, distributed, image_grid, lr_at, make_adamw, one_line_errors,
-                       open_image_source, open_log, resolve, restore, resume_from, run_is_finished, save_checkpoint,
-                       save_step_checkpoint, set_lr, split_heldout, step_batches, world_mean, world_sum, write_log,
-                       write_summary)
+                       check_finite, checkpoint, distributed, image_grid, lr_at, make_adamw, nonneg_int,
+                       one_line_errors, open_image_source, open_log, resolve, restore, resume_from, run_is_finished,
+                       save_checkpoint, save_step_checkpoint, set_lr, sha256_of, split_heldout, step_batches,
+                       world_mean, world_sum, write_log, write_summary)
 
 # ----------------------------------------------------------------------------------------------
 # 1. Recipe: configs/training/generator/maskgit.yaml (AdamW betas (0.9, 0.96), weight decay 0.03, ...).
@@ -66,19 +66,17 @@ TINY_CPU = dict(batch_size=64, max_steps=1_000, warmup_steps=100, lr=1e-3, end_l
 
 CHUNK = 512
 
-def fingerprint(path: str | os.PathLike) -> str:
-    """sha256 of a tokenizer's bytes (every file of an HF folder): which tokenizer made a token set."""
-    h, p = hashlib.sha256(), Path(path)
-    for f in sorted(p.rglob("*")) if p.is_dir() else [p]:
-        h.update(f.read_bytes() if f.is_file() else b"")
-    return h.hexdigest()
-
 def tokenize(tokenizer_path: str | os.PathLike, data: str, out: Path, d: Dist, dtype: str = "fp32",
              batch_size: int = 64, eval_size: int = EVAL_SIZE) -> dict:
-    began, parts = time.perf_counter(), out / "parts"
+    began, parts, tok = time.perf_counter(), out / "parts", tokenizer.load_tokenizer(tokenizer_path).to(d.device)
+    # What the tokens depend on; earlier output (a finished set, or an interrupted run's parts) made with
+    # another tokenizer, data or split is refused, never returned or mixed in.
+    stamp = dict(tokenizer_sha256=sha256_of(tokenizer_path), data_path=str(Path(data).resolve()), eval_size=eval_size)
+    for f in (p for p in (out / "meta.json", parts / "stamp.json") if p.is_file()):
+        if {k: json.loads(f.read_text()).get(k) for k in stamp} != stamp:
+            raise UserError(f"{f} was made with another tokenizer, --data or --eval-size; use another --out")
     if (out / "meta.json").is_file():
         return json.loads((out / "meta.json").read_text())
-    tok = tokenizer.load_tokenizer(tokenizer_path).to(d.device)
     if tok.quantize is None:
         raise UserError(f"{tokenizer_path} is a VAE tokenizer (continuous latents); MaskGIT needs token ids")
     source = open_image_source(data, tok.config.image_size, random_crop=False)
@@ -86,6 +84,9 @@ def tokenize(tokenizer_path: str | os.PathLike, data: str, out: Path, d: Dist, d
     train_idx, held_idx = split_heldout(len(source.labels), eval_size)
     jobs = [(name, k, idx[s:s + CHUNK], flip) for name, idx, flip in (("orig", train_idx, False),
             ("flip", train_idx, True), ("heldout", held_idx, False)) for k, s in enumerate(range(0, len(idx), CHUNK))]
+    if d.is_main:
+        write_atomic(parts / "stamp.json", lambda f: f.write(json.dumps(stamp).encode()))
+    barrier()
     for name, k, indices, flip in jobs[d.rank::d.world]:
         if (parts / f"{name}_{k:05d}.npz").is_file():
             continue  # done by an earlier, interrupted run
@@ -113,13 +114,11 @@ def tokenize(tokenizer_path: str | os.PathLike, data: str, out: Path, d: Dist, d
         for name, arr in zip(("tokens", "labels", "heldout_tokens", "heldout_labels"), (ids, labels, *held)):
             np.save(out / f"{name}.npy", arr)
         meta = {"codebook_size": tok.config.codebook_size, "num_tokens": tok.config.num_latent_tokens,
-                "train": len(ids), "heldout": len(held[0]), "eval_size": eval_size, "data": source.description,
-                "tokenizer": str(Path(tokenizer_path).resolve()), "tokenizer_sha256": fingerprint(tokenizer_path),
+                "train": len(ids), "heldout": len(held[0]), "data": source.description,
+                "tokenizer": str(Path(tokenizer_path).resolve()), **stamp,
                 "wall_s": round(time.perf_counter() - began, 1)}
         write_atomic(out / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))  # = complete
-        for p in parts.iterdir():
-            p.unlink()
-        parts.rmdir()
+        shutil.rmtree(parts)
         print(f"tokenised {source.description}: {len(ids)} sequences (with flipped copies), {len(held[0])} held out")
     barrier()
     return json.loads((out / "meta.json").read_text())
@@ -221,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
             tokenize(tok_path, run.data, Path(tokens), d, run.dtype, eval_size=run.eval_size)
         meta, (ids, labels, held_ids, held_labels) = load_tokens(Path(tokens), cfg)
         tok_path = Path(run.tokenizer or meta["tokenizer"])
-        if run.tokenizer and tok_path.exists() and meta.get("tokenizer_sha256") not in (None, fingerprint(tok_path)):
+        if run.tokenizer and tok_path.exists() and meta.get("tokenizer_sha256") not in (None, sha256_of(tok_path)):
             raise UserError(f"--tokens {tokens} were made with another tokenizer ({meta['tokenizer']}) than "
                             f"--tokenizer {tok_path} (its bytes differ); re-tokenise into a new --tokens folder")
         tok = tokenizer.load_tokenizer(tok_path).to(d.device) if tok_path.exists() else None
@@ -292,7 +291,7 @@ def build_parser(tokenize: bool = False) -> argparse.ArgumentParser:
                    "tokenise, for sample grids (default: the tokens' own, else out/tok/tokenizer.pt)")
     p.add_argument("--data", default=str(HERE / "data"), help="images to tokenise: image folder or idx(.gz) files")
     p.add_argument("--out", required=tokenize, default="out/gen", help="output folder (training: default out/gen)")
-    p.add_argument("--eval-size", type=int, default=EVAL_SIZE, help="images held out when tokenising (as train_tok)")
+    p.add_argument("--eval-size", type=nonneg_int, default=EVAL_SIZE, help="images held out (as train_tok)")
     p.add_argument("--device", type=tokenizer.device_arg, help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="autocast dtype")
     if tokenize:

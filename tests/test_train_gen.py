@@ -47,7 +47,7 @@ def records(out: Path) -> list[dict]:  # the log without the wall-clock speeds
 
 def small_trainer(cfg, R):
     torch.manual_seed(0)
-    return train_gen.GenTrainer(R, train_tok.Dist(0, 1, 0, torch.device("cpu")), generator.build_generator(cfg))
+    return train_gen.GenTrainer(R, train_tok.Dist(0, 1, torch.device("cpu")), generator.build_generator(cfg))
 
 
 def test_one_step_is_finite_and_changes_parameters():

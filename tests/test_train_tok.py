@@ -21,7 +21,7 @@ import tokenizer as T  # noqa: E402
 import train_tok as TT  # noqa: E402
 
 SHARED = os.environ.get("TITOK_SHARED")
-CPU = TT.Dist(0, 1, 0, torch.device("cpu"))
+CPU = TT.Dist(0, 1, torch.device("cpu"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 # a short run: the GAN from step 2 (small discriminator), dead-code restarts every 2 steps
 SHORT = ["--max-steps", "6", "--batch-size", "4", "--save-every", "3", "--log-every", "1", "--eval-every", "3",
