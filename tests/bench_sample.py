@@ -4,7 +4,6 @@ with random weights at the official settings of a preset, fp32 vs bf16. Run by h
     python tests/bench_sample.py                       # titok_l32, batch 8
     python tests/bench_sample.py --preset titok_s128 --repeats 2
 """
-import argparse
 import copy
 import inspect
 import math
@@ -17,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import generator  # noqa: E402
 import tokenizer  # noqa: E402
-from tests.bench_util import flops, matmul_gflops, timeit  # noqa: E402
+from tests.bench_util import bench_dtypes, bench_parser, flops, matmul_gflops, timeit  # noqa: E402
 
 # The official implementation, fp32, one batch of 8 at the default settings: seconds of token
 # sampling without decoding, measured on the 2-core CPU machine of the README's table.
@@ -40,30 +39,27 @@ def sampling_flops(cfg: generator.GeneratorConfig, batch: int, settings: dict) -
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=list(generator.PRESETS), default="titok_l32")
-    p.add_argument("--batch-size", type=tokenizer.positive_int, default=8)
-    p.add_argument("--repeats", type=tokenizer.positive_int, default=1, help="timed runs after one warm-up")
-    args = p.parse_args()
+    args = bench_parser(__doc__.split("\n\n")[0], generator.PRESETS, repeats=1, default="titok_l32").parse_args()
+    dtypes = bench_dtypes(args)
     preset, batch = args.preset, args.batch_size
     torch.manual_seed(0)
     cfg = generator.PRESETS[preset]
     model = generator.build_generator(cfg).eval().requires_grad_(False)
-    models = {"fp32": model, "bf16": generator.cast_matmuls(copy.deepcopy(model))}
+    models = {"fp32": model, "bf16": generator.cast_matmuls(copy.deepcopy(model)) if "bf16" in dtypes else None}
     tok = tokenizer.TiTok(tokenizer.PRESETS[preset]).eval() if preset in tokenizer.PRESETS else None
     # Greedy (randomize_temperature=0) does exactly the work of the default settings (the noise is
     # still drawn) and makes fp32 and bf16 comparable token by token.
     settings = dict(generator.DEFAULT_SAMPLING[preset], randomize_temperature=0.0)
     y = torch.arange(batch) * (cfg.num_classes // batch)
     gflop = sampling_flops(cfg, batch, settings) / 1e9
-    peak = {name: max(matmul_gflops(dt) for _ in range(3))  # best of 3: the machine may be shared
-            for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    peak = {name: max(matmul_gflops(getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[name])) for _ in range(3))
+            for name in dtypes}  # best of 3: the machine may be shared
     print(f"{preset}: batch {batch}, {settings['num_steps']} steps, {torch.get_num_threads()} threads, "
-          f"{gflop:.0f} GFLOP per batch of token sampling; matmul peak fp32 {peak['fp32']:.0f}, "
-          f"bf16 {peak['bf16']:.0f} GFLOP/s")
+          f"{gflop:.0f} GFLOP per batch of token sampling; matmul peak "
+          + ", ".join(f"{n} {g:.0f} GFLOP/s" for n, g in peak.items()))
     ids, rows = {}, []
     with torch.no_grad():
-        for dtype, m in models.items():
+        for dtype, m in ((dt, models[dt]) for dt in dtypes):
             sample_s = timeit(lambda: ids.update({dtype: generator.generate(m, y, **settings)}), args.repeats)
             decode_s = math.nan
             if tok is not None:
@@ -79,8 +75,9 @@ def main() -> None:
         vs = f"{official / sample_s:.2f}x" if official else "-"
         print(f"| {dtype} | {sample_s:.2f} | {decode_s:.2f} | {batch / total:.2f} | {gflop / sample_s:.0f} "
               f"| {100 * gflop / sample_s / peak[dtype]:.0f}% | {vs} |")
-    same = (ids["fp32"] == ids["bf16"]).float().mean().item()
-    print(f"greedy token ids equal between fp32 and bf16: {100 * same:.1f}%")
+    if "bf16" in ids:
+        same = (ids["fp32"] == ids["bf16"]).float().mean().item()
+        print(f"greedy token ids equal between fp32 and bf16: {100 * same:.1f}%")
 
 
 if __name__ == "__main__":

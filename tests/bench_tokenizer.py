@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tokenizer as T  # noqa: E402
-from tests.bench_util import bench_parser, flops, matmul_gflops, timeit  # noqa: E402
+from tests.bench_util import bench_dtypes, bench_parser, flops, matmul_gflops, timeit  # noqa: E402
 
 OFFICIAL_SECONDS = {"titok_s128": {"encode": 0.94, "decode (pixel)": 5.6, "decode (total)": 6.5},
                     "titok_l32": {"encode": 7.7, "decode (total)": 13.2}}
@@ -32,12 +32,13 @@ def main() -> None:
         ref = tok.decode_tokens(ids).clamp(0, 1)
     parts = {"encode": lambda: tok.encode(x), "decode (ViT)": lambda: tok.decoder(z),
              "decode (pixel)": lambda: tok.pixel_decoder(soft), "decode (total)": lambda: tok.decode_tokens(ids)}
-    peak = {d: matmul_gflops(getattr(torch, n), device=str(dev)) for d, n in (("fp32", "float32"), ("bf16", "bfloat16"))}
+    dtypes = bench_dtypes(args)
+    peak = {d: matmul_gflops(getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[d]), device=str(dev)) for d in dtypes}
     print(f"{args.preset}, batch {B}, {dev}, {torch.get_num_threads()} threads; measured matmul peak: "
-          f"fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s")
+          + ", ".join(f"{d} {g:.0f} GFLOP/s" for d, g in peak.items()))
     print("| part | dtype | s/batch | img/s | GFLOP/s | official fp32 s/batch | speed-up |\n|---|---|---|---|---|---|---|")
     official = OFFICIAL_SECONDS.get(args.preset, {}) if B == 8 and dev.type == "cpu" else {}
-    for dtype in ("fp32", "bf16"):
+    for dtype in dtypes:
         for name, fn in parts.items():
             with torch.no_grad(), T.autocast(dev, dtype):
                 n_flops = flops(fn)
@@ -45,9 +46,10 @@ def main() -> None:
             ref_s = official.get(name)
             extra = f"{ref_s:.2f} | {ref_s / sec:.2f}x" if ref_s else "- | -"
             print(f"| {name} | {dtype} | {sec:.3f} | {B / sec:.2f} | {n_flops / sec / 1e9:.0f} | {extra} |")
-    with torch.no_grad(), T.autocast(dev, "bf16"):
-        low = tok.decode_tokens(ids).float().clamp(0, 1)
-    print(f"bf16 vs fp32 decoded images: PSNR {T.psnr(low, ref):.1f} dB")
+    if "bf16" in dtypes:
+        with torch.no_grad(), T.autocast(dev, "bf16"):
+            low = tok.decode_tokens(ids).float().clamp(0, 1)
+        print(f"bf16 vs fp32 decoded images: PSNR {T.psnr(low, ref):.1f} dB")
 
 
 if __name__ == "__main__":

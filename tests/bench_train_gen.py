@@ -12,7 +12,7 @@ import generator  # noqa: E402
 import tokenizer as T  # noqa: E402
 import train_gen  # noqa: E402
 import train_tok as TT  # noqa: E402
-from tests.bench_util import bench_parser, flops, matmul_gflops, timeit  # noqa: E402
+from tests.bench_util import bench_dtypes, bench_parser, flops, matmul_gflops, timeit  # noqa: E402
 
 
 def main() -> None:
@@ -20,13 +20,15 @@ def main() -> None:
     args = p.parse_args()
     d, B = TT.Dist(0, 1, args.device), args.batch_size
     sync = torch.cuda.synchronize if d.device.type == "cuda" else (lambda: None)
-    peak = {dt: matmul_gflops(getattr(torch, n), device=str(d.device)) for dt, n in (("fp32", "float32"), ("bf16", "bfloat16"))}
+    dtypes = bench_dtypes(args)
+    peak = {dt: matmul_gflops(getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dt]), device=str(d.device))
+            for dt in dtypes}
     print(f"device {d.device}, {torch.get_num_threads()} threads, batch {B}; measured matmul peak "
-          f"fp32 {peak['fp32']:.0f}, bf16 {peak['bf16']:.0f} GFLOP/s")
+          + ", ".join(f"{dt} {g:.0f} GFLOP/s" for dt, g in peak.items()))
     print("| preset | dtype | steps/s | tokens/s | GFLOP/s | % of matmul peak |\n|---|---|---|---|---|---|", flush=True)
     for preset in [args.preset] if args.preset else ["tiny", "titok_l32"]:
         cfg = generator.PRESETS[preset]
-        for dtype in ("fp32", "bf16"):
+        for dtype in dtypes:
             torch.manual_seed(0)
             R = dataclasses.replace(train_gen.GenRecipe(), batch_size=B, warmup_steps=0)
             t = train_gen.GenTrainer(R, d, generator.build_generator(cfg), dtype)

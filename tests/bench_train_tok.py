@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tokenizer as T  # noqa: E402
 import train_tok as TT  # noqa: E402
-from tests.bench_util import bench_parser, timeit  # noqa: E402
+from tests.bench_util import bench_dtypes, bench_parser, timeit  # noqa: E402
 
 
 def main() -> None:
@@ -22,20 +22,22 @@ def main() -> None:
     d, B = TT.Dist(0, 1, args.device), args.batch_size
     sync = torch.cuda.synchronize if d.device.type == "cuda" else (lambda: None)
     print(f"device {d.device}, {torch.get_num_threads()} threads, batch {B}, {args.repeats} timed step(s) after 1 warm-up")
-    print("| preset | recipe | fp32 img/s | bf16 img/s |\n|---|---|---|---|", flush=True)
+    dtypes = bench_dtypes(args)
+    print("| preset | recipe | " + " | ".join(f"{dt} img/s" for dt in dtypes) + " |\n|---|---|" + "---|" * len(dtypes),
+          flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for preset in [args.preset] if args.preset else ["tiny", "titok_s128"]:
             for name in TT.RECIPES:
                 try:
                     cfg = TT.recipe_config(preset, name)
                 except T.UserError:
-                    print(f"| {preset} | {name} | n/a | n/a |", flush=True)
+                    print(f"| {preset} | {name} |" + " n/a |" * len(dtypes), flush=True)
                     continue
                 vqgan = Path(tmp) / f"{preset}_vqgan.pt"
                 if not vqgan.is_file():
                     torch.save(T.MaskGITVQGAN(cfg.vqgan).state_dict(), vqgan)
                 speed = {}
-                for dtype in ("fp32", "bf16"):
+                for dtype in dtypes:
                     R = dataclasses.replace(TT.RECIPES[name], batch_size=B, disc_start=0, warmup_steps=0)
                     torch.manual_seed(0)
                     tok, teacher = TT.build_models(cfg, name, preset, None, str(vqgan), resuming=False)
@@ -43,7 +45,7 @@ def main() -> None:
                     t = TT.Trainer(R, d, tok, teacher, lpips, dtype)
                     x = torch.rand(B, 3, cfg.image_size, cfg.image_size, device=d.device)
                     speed[dtype] = B / timeit(lambda: (TT.train_step(t, x, 1), sync()), args.repeats)
-                print(f"| {preset} | {name} | {speed['fp32']:.3g} | {speed['bf16']:.3g} |", flush=True)
+                print(f"| {preset} | {name} | " + " | ".join(f"{speed[dt]:.3g}" for dt in dtypes) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -39,4 +39,18 @@ def bench_parser(doc: str, presets, repeats: int = 2, **preset_kw):
     p.add_argument("--batch-size", type=T.positive_int, default=8)
     p.add_argument("--repeats", type=T.positive_int, default=repeats)
     p.add_argument("--device", type=T.device_arg, default=torch.device("cpu"))
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
+                   help="also time bf16 (default: only where the hardware computes it natively)")
     return p
+
+
+def bench_dtypes(args) -> list[str]:
+    """fp32, and bf16 where it is native: a GPU, or a CPU with AVX512-BF16 or AMX. Elsewhere (e.g. an
+    AVX2-only CPU) bf16 is emulated, several times slower than fp32, and timing it says nothing."""
+    if args.bf16 is None:
+        try:
+            flags = open("/proc/cpuinfo").read()
+        except OSError:
+            flags = ""
+        args.bf16 = args.device.type == "cuda" or "avx512_bf16" in flags or "amx_bf16" in flags
+    return ["fp32", "bf16"] if args.bf16 else ["fp32"]
