@@ -18,9 +18,6 @@ import generator  # noqa: E402
 import tokenizer  # noqa: E402
 from tests.bench_util import bench_dtypes, bench_parser, flops, matmul_gflops, timeit  # noqa: E402
 
-# The official implementation, fp32, one batch of 8 at the default settings: seconds of token
-# sampling without decoding, measured on the 2-core CPU machine of the README's table.
-OFFICIAL_SAMPLING_SECONDS = {"titok_l32": 8.0, "titok_s128": 390.0}
 
 
 def sampling_flops(cfg: generator.GeneratorConfig, batch: int, settings: dict) -> float:
@@ -66,15 +63,13 @@ def main() -> None:
                 with tokenizer.autocast(torch.device("cpu"), dtype):
                     decode_s = timeit(lambda: tok.decode_tokens(ids[dtype]), args.repeats)
             rows.append((dtype, sample_s, decode_s))
-    official = OFFICIAL_SAMPLING_SECONDS.get(preset) if batch == 8 else None
     print("| dtype | sampling s/batch | decoding s/batch | images/s (sample+decode) | sampling GFLOP/s "
-          "| % of matmul peak | vs official fp32 sampling |")
-    print("|---|---|---|---|---|---|---|")
+          "| % of matmul peak |")
+    print("|---|---|---|---|---|---|")
     for dtype, sample_s, decode_s in rows:
         total = sample_s + (0 if math.isnan(decode_s) else decode_s)  # nan: no tokenizer preset
-        vs = f"{official / sample_s:.2f}x" if official else "-"
         print(f"| {dtype} | {sample_s:.2f} | {decode_s:.2f} | {batch / total:.2f} | {gflop / sample_s:.0f} "
-              f"| {100 * gflop / sample_s / peak[dtype]:.0f}% | {vs} |")
+              f"| {100 * gflop / sample_s / peak[dtype]:.0f}% |")
     if "bf16" in ids:
         same = (ids["fp32"] == ids["bf16"]).float().mean().item()
         print(f"greedy token ids equal between fp32 and bf16: {100 * same:.1f}%")
