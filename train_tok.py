@@ -254,7 +254,10 @@ def recipe_config(preset: str, recipe: str) -> TiTokConfig:
 
 def read_weights(path: str | os.PathLike, kind: str) -> dict[str, torch.Tensor]:  # official, or our export's EMA
     sd = tokenizer.read_checkpoint(path)
-    return tokenizer.checkpoint_weights(sd, kind, path)[1] if "kind" in sd else sd
+    sd = tokenizer.checkpoint_weights(sd, kind, path)[1] if isinstance(sd, dict) and "kind" in sd else sd
+    if isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values()):
+        return sd
+    raise UserError(f"{path}: not a {kind} state dict")
 
 def build_models(cfg: TiTokConfig, recipe: str, preset: str, init: str | None, vqgan: str | None,
                  resuming: bool) -> tuple[nn.Module, MaskGITVQGAN | None]:
@@ -301,8 +304,8 @@ class Trainer:
             self.disc_opt = make_adamw(list(self.disc.named_parameters()), R.disc_lr, (R.beta1, R.beta2),
                                        R.weight_decay)
             self.lecam = torch.zeros(2, device=d.device)
-        q = self.tok.quantize
-        self.usage = torch.zeros(q.embedding.num_embeddings, device=d.device) if q is not None else None
+        q = self.tok.quantize  # (None for a VAE)
+        self.usage = None if q is None else torch.zeros(q.embedding.num_embeddings, device=d.device)
 
 def generator_loss(t: Trainer, images: torch.Tensor, out: torch.Tensor, result: dict,
                    codes: torch.Tensor | None, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -595,9 +598,8 @@ class Dist(NamedTuple):  # where this process sits in the job (torchrun sets RAN
 
 @contextlib.contextmanager
 def distributed(device: torch.device | None = None, timeout_hours: float = 0.5):
-    """Join the torchrun process group for the length of a `with` block (NCCL on GPUs, gloo on
-    CPUs; one GPU per process); a plain `python` run is a world of one. The group is destroyed when
-    the block ends, also on an error, so the other ranks are not left waiting."""
+    """Join the torchrun process group for a `with` block (NCCL on GPUs, gloo on CPUs; a plain `python` run is a
+    world of one). It is destroyed when the block ends, also on an error, so no rank is left waiting."""
     rank, world, local = (int(os.environ.get(k, v)) for k, v in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     device = device or tokenizer.default_device()
     if world > 1 and device.type == "cuda":  # one GPU per process

@@ -174,6 +174,7 @@ def files(tmp_path_factory, random_weights) -> dict:  # noqa: F811
     torch.save(torch.load(f["tok"], weights_only=True)["model"], f.setdefault("raw", d / "raw.pt"))
     torch.save({"kind": "generator", "config": {}, "model": {}}, f.setdefault("genkind", d / "genkind.pt"))
     (f.setdefault("junk", d / "junk.pt")).write_bytes(b"\x00garbage" * 100)
+    torch.save([1, 2, 3], f.setdefault("a_list", d / "list.pt"))  # a readable checkpoint that holds no weights
     (f.setdefault("file", d / "file.txt")).write_text("an existing file")
     for name in ("empty", "one", "notes"):
         (f.setdefault(name, d / name)).mkdir()
@@ -639,6 +640,8 @@ ONE_LINE_ERRORS = [  # (script, argv, words of the message)
     ("train_tok", [*TRAIN_TOK, "--data", "{empty}"], ["no images"]),
     ("train_tok", [*TRAIN_TOK, "--data", "{out}/nowhere"], ["no such file or folder"]),
     ("train_tok", [*TRAIN_TOK, "--recipe", "stage3"], ["stage3"]),
+    ("train_tok", [*TRAIN_TOK, "--init", "{a_list}"], ["list.pt", "not a tokenizer state dict"]),
+    ("train_tok", [*TRAIN_TOK, "--init", "{junk}"], ["junk.pt"]),
     ("train_tok", [*TRAIN_TOK, "--batch-size", 0], ["--batch-size"]),
     ("train_tok", [*TRAIN_TOK, "--save-every", 0], ["--save-every"]),
     ("train_tok", [*TRAIN_TOK, "--log-every", 0], ["--log-every"]),
