@@ -34,9 +34,6 @@ import sample  # noqa: E402
 import tokenizer as T  # noqa: E402
 import train_gen  # noqa: E402
 import train_tok  # noqa: E402
-from test_fid import random_weights  # noqa: E402,F401 (a fixture: a random FID-Inception weights file)
-from test_sample import save_generator, save_tokenizer, tiny_tokenizer  # noqa: E402
-from test_train_gen import make_tokens  # noqa: E402
 
 CLIS = {"tokenizer": T.main, "sample": sample.main, "fid": fid.main, "train_tok": train_tok.main,
         "train_gen": train_gen.main}
@@ -158,19 +155,19 @@ SPACE = re.compile(r"\d+(\.\d+)? ?([KMGT]i?B|bytes)")  # "how much space" in a d
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, random_weights) -> dict:  # noqa: F811
+def files(tmp_path_factory, random_weights, helpers) -> dict:
     """The inputs of the tests, made once: tiny models, an image, and bad files of every kind."""
     d = tmp_path_factory.mktemp("inputs")
     f = {"inception": random_weights}
-    f["tok"] = save_tokenizer(tiny_tokenizer(), d / "tok.pt")
-    f["tok512"] = save_tokenizer(tiny_tokenizer(codebook_size=512), d / "tok512.pt")
+    f["tok"] = helpers.save_tokenizer(helpers.tiny_tokenizer(), d / "tok.pt")
+    f["tok512"] = helpers.save_tokenizer(helpers.tiny_tokenizer(codebook_size=512), d / "tok512.pt")
     torch.manual_seed(5)  # another tokenizer of the same architecture
-    f["tok_b"] = save_tokenizer(T.TiTok(T.PRESETS["tiny"]).eval(), d / "tok_b.pt")
-    f["gen"] = save_generator(d / "gen.pt")
-    f["tokens"] = make_tokens(d / "tokens")
-    f["tokens_b"] = make_tokens(d / "tokens_b", seed=1)  # another data set of the same shape
-    f["tokens512"] = make_tokens(d / "tokens512", codebook=512)
-    f["tokens_label10"] = make_tokens(d / "tokens_label10", label_max=10)
+    f["tok_b"] = helpers.save_tokenizer(T.TiTok(T.PRESETS["tiny"]).eval(), d / "tok_b.pt")
+    f["gen"] = helpers.save_generator(d / "gen.pt")
+    f["tokens"] = helpers.make_tokens(d / "tokens")
+    f["tokens_b"] = helpers.make_tokens(d / "tokens_b", seed=1)  # another data set of the same shape
+    f["tokens512"] = helpers.make_tokens(d / "tokens512", codebook=512)
+    f["tokens_label10"] = helpers.make_tokens(d / "tokens_label10", label_max=10)
     torch.save(torch.load(f["tok"], weights_only=True)["model"], f.setdefault("raw", d / "raw.pt"))
     torch.save({"kind": "generator", "config": {}, "model": {}}, f.setdefault("genkind", d / "genkind.pt"))
     (f.setdefault("junk", d / "junk.pt")).write_bytes(b"\x00garbage" * 100)

@@ -41,22 +41,6 @@ def io():
 
 
 @pytest.fixture(scope="module")
-def random_weights(tmp_path_factory):
-    """The parity fixture's random weights, or (on a fresh clone) a seeded random network saved the
-    same way: the pipeline tests need some weights file, not the real ones."""
-    if SHARED:
-        return PARITY / "fid_inception_random.pt"
-    torch.manual_seed(0)
-    net = fid.FIDInceptionV3()
-    for m in net.modules():  # He init keeps the activations alive through ~90 ReLU layers (the default
-        if isinstance(m, torch.nn.Conv2d):  # init shrinks them to 0: every image, the same features)
-            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-    path = tmp_path_factory.mktemp("weights") / "random_inception.pth"
-    torch.save({k: v.half() for k, v in net.state_dict().items()}, path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def net(random_weights):
     return fid.load_inception(random_weights)
 

@@ -1,7 +1,6 @@
 """sample.py end to end on CPU with a tiny random generator and tiny random tokenizer: the grid,
 the resumable .npz (kill -9, models identified by content) and torchrun over two processes. Bad
 input: test_bad_inputs.py."""
-import dataclasses
 import json
 import os
 import shutil
@@ -33,43 +32,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_tokenizer(codebook_size: int = 1024) -> T.TiTok:
-    """Random weights re-drawn at unit gain so the decoded images have structure (the reference
-    init decodes every token sequence to an almost black image)."""
-    torch.manual_seed(1)
-    tok = T.TiTok(dataclasses.replace(T.PRESETS["tiny"], codebook_size=codebook_size)).eval()
-    with torch.no_grad():
-        for p in tok.parameters():
-            if p.ndim >= 2:
-                p.normal_(0, p[0].numel() ** -0.5)
-        tok.decoder.conv_out.weight.mul_(0.2)
-        tok.decoder.conv_out.bias.fill_(0.5)
-    return tok
-
-
-def save_tokenizer(tok: T.TiTok, path: Path) -> Path:
-    torch.save({"kind": "tokenizer", "config": T.config_to_dict(tok.config), "model": tok.state_dict(),
-                "ema": None}, path)
-    return path
-
-
-def save_generator(path: Path, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    gen = G.build_generator(G.PRESETS["tiny"])
-    with torch.no_grad():  # unit-gain weights: confident, varied logits instead of nearly uniform ones
-        for p in gen.parameters():
-            if p.ndim == 2:
-                p.normal_(0, p.shape[1] ** -0.5)
-    torch.save({"kind": "generator", "preset": "tiny", "config": G.config_to_dict(gen.config),
-                "model": gen.state_dict(), "ema": None, "step": 0}, path)
-    return path
-
-
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
+def ckpts(tmp_path_factory, helpers):
     """(generator checkpoint, tokenizer checkpoint) in our format, preset `tiny`."""
     d = tmp_path_factory.mktemp("ckpts")
-    return save_generator(d / "gen.pt"), save_tokenizer(tiny_tokenizer(), d / "tok.pt")
+    return helpers.save_generator(d / "gen.pt"), helpers.save_tokenizer(helpers.tiny_tokenizer(), d / "tok.pt")
 
 
 def run_cli(*args, torchrun: bool = False) -> subprocess.CompletedProcess:
@@ -135,7 +102,7 @@ def test_npz_layout_summary_and_rerun(ckpts, uninterrupted):
         assert out.stat().st_mtime_ns == stamp
 
 
-def test_replaced_generator_is_refused(ckpts, uninterrupted, tmp_path):
+def test_replaced_generator_is_refused(ckpts, uninterrupted, tmp_path, helpers):
     """Models are identified by content: the same path holding other weights is another run."""
     gen, out = tmp_path / "gen.pt", tmp_path / "r.npz"
     shutil.copy(ckpts[0], gen)  # another path, same bytes: the same samples
@@ -144,13 +111,13 @@ def test_replaced_generator_is_refused(ckpts, uninterrupted, tmp_path):
     data = out.read_bytes()
     with np.load(out) as f:
         assert np.array_equal(f["arr_0"], uninterrupted[1])
-    save_generator(gen, seed=1)  # retrained at the same path
+    helpers.save_generator(gen, seed=1)  # retrained at the same path
     r = run_cli(*npz_args(gen, ckpts[1], out))
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0, r.stderr
     assert "another generator/tokenizer" in r.stderr and out.read_bytes() == data
 
 
-def test_killed_run_resumes(ckpts, uninterrupted, tmp_path):
+def test_killed_run_resumes(ckpts, uninterrupted, tmp_path, helpers):
     """SIGKILL right after the first shard lands (a half-written shard may be left behind); shards
     of a replaced generator are not mixed in; the resumed .npz equals the uninterrupted one."""
     gen, out = tmp_path / "gen.pt", tmp_path / "k.npz"
@@ -164,7 +131,7 @@ def test_killed_run_resumes(ckpts, uninterrupted, tmp_path):
     child.wait()
     assert first.exists() and not out.exists(), "the run was not interrupted mid-way"
     shards = sorted(p.name for p in first.parent.iterdir())
-    save_generator(gen, seed=1)
+    helpers.save_generator(gen, seed=1)
     r = run_cli(*npz_args(gen, ckpts[1], out))
     assert r.returncode == 1 and "another generator/tokenizer" in r.stderr, r.stderr
     assert sorted(p.name for p in first.parent.iterdir()) == shards and not out.exists()

@@ -21,21 +21,6 @@ SHORT = ["--batch-size", 8, "--max-steps", 6, "--save-every", 3, "--log-every", 
          "--warmup-steps", 2]
 
 
-def make_tokens(folder: Path, n: int = 64, codebook: int = 1024, k: int = 32, classes: int = 10,
-                label_max: int | None = None, seed: int = 0) -> Path:
-    """A token folder as `tokenize` writes it, with random ids."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    labels = np.arange(n) % classes if label_max is None else np.full(n, label_max)
-    np.save(folder / "tokens.npy", rng.integers(0, codebook, (n, k)).astype(np.uint16))
-    np.save(folder / "labels.npy", labels.astype(np.int16))
-    np.save(folder / "heldout_tokens.npy", rng.integers(0, codebook, (8, k)).astype(np.uint16))
-    np.save(folder / "heldout_labels.npy", (np.arange(8) % classes).astype(np.int16))
-    (folder / "meta.json").write_text(json.dumps({"codebook_size": codebook, "num_tokens": k, "num_classes": classes,
-                                                  "train": n, "heldout": 8, "tokenizer": "none", "data": "random"}))
-    return folder
-
-
 def main(*args) -> None:
     train_gen.main([str(a) for a in args])
 
@@ -78,8 +63,8 @@ def test_overfits_a_small_token_set():
     assert first < 0.2 and acc > 0.98, (first, acc)
 
 
-def test_resume_equals_uninterrupted(tmp_path):
-    tokens = make_tokens(tmp_path / "tokens")
+def test_resume_equals_uninterrupted(tmp_path, helpers):
+    tokens = helpers.make_tokens(tmp_path / "tokens")
     main("--tokens", tokens, "--out", tmp_path / "a", *SHORT)
     # "killed" after step 3: the step-3 checkpoint and the log of a step 4
     (tmp_path / "b").mkdir()
@@ -97,8 +82,8 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert (tmp_path / "b" / "generator.pt").stat().st_mtime_ns == stamp
 
 
-def test_torchrun_two_processes_equal_one(tmp_path):
-    tokens = make_tokens(tmp_path / "tokens")
+def test_torchrun_two_processes_equal_one(tmp_path, helpers):
+    tokens = helpers.make_tokens(tmp_path / "tokens")
     common = ["--tokens", tokens, "--max-steps", 3, "--warmup-steps", 1, "--dropout", 0, "--eval-every", 100]
     main(*common, "--batch-size", 8, "--out", tmp_path / "one")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -1,0 +1,90 @@
+"""Shared test fixtures (pytest loads this file itself): small checkpoints, token folders and FID weights
+that several test files build the same way."""
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import fid  # noqa: E402
+import generator as G  # noqa: E402
+import tokenizer as T  # noqa: E402
+
+SHARED = os.environ.get("TITOK_SHARED")
+PARITY = Path(SHARED) / "parity" if SHARED else None
+
+
+def tiny_tokenizer(codebook_size: int = 1024) -> T.TiTok:
+    """Random weights re-drawn at unit gain so the decoded images have structure (the reference
+    init decodes every token sequence to an almost black image)."""
+    torch.manual_seed(1)
+    tok = T.TiTok(dataclasses.replace(T.PRESETS["tiny"], codebook_size=codebook_size)).eval()
+    with torch.no_grad():
+        for p in tok.parameters():
+            if p.ndim >= 2:
+                p.normal_(0, p[0].numel() ** -0.5)
+        tok.decoder.conv_out.weight.mul_(0.2)
+        tok.decoder.conv_out.bias.fill_(0.5)
+    return tok
+
+
+def save_tokenizer(tok: T.TiTok, path: Path) -> Path:
+    torch.save({"kind": "tokenizer", "config": T.config_to_dict(tok.config), "model": tok.state_dict(),
+                "ema": None}, path)
+    return path
+
+
+def save_generator(path: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    gen = G.build_generator(G.PRESETS["tiny"])
+    with torch.no_grad():  # unit-gain weights: confident, varied logits instead of nearly uniform ones
+        for p in gen.parameters():
+            if p.ndim == 2:
+                p.normal_(0, p.shape[1] ** -0.5)
+    torch.save({"kind": "generator", "preset": "tiny", "config": G.config_to_dict(gen.config),
+                "model": gen.state_dict(), "ema": None, "step": 0}, path)
+    return path
+
+
+def make_tokens(folder: Path, n: int = 64, codebook: int = 1024, k: int = 32, classes: int = 10,
+                label_max: int | None = None, seed: int = 0) -> Path:
+    """A token folder as `tokenize` writes it, with random ids."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = np.arange(n) % classes if label_max is None else np.full(n, label_max)
+    np.save(folder / "tokens.npy", rng.integers(0, codebook, (n, k)).astype(np.uint16))
+    np.save(folder / "labels.npy", labels.astype(np.int16))
+    np.save(folder / "heldout_tokens.npy", rng.integers(0, codebook, (8, k)).astype(np.uint16))
+    np.save(folder / "heldout_labels.npy", (np.arange(8) % classes).astype(np.int16))
+    (folder / "meta.json").write_text(json.dumps({"codebook_size": codebook, "num_tokens": k, "num_classes": classes,
+                                                  "train": n, "heldout": 8, "tokenizer": "none", "data": "random"}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def helpers() -> SimpleNamespace:
+    """The builders above, for test files (they are functions, not fixtures: tests call them with arguments)."""
+    return SimpleNamespace(tiny_tokenizer=tiny_tokenizer, save_tokenizer=save_tokenizer,
+                           save_generator=save_generator, make_tokens=make_tokens)
+
+
+@pytest.fixture(scope="module")
+def random_weights(tmp_path_factory):
+    """The parity fixture's random weights, or (on a fresh clone) a seeded random network saved the
+    same way: the pipeline tests need some weights file, not the real ones."""
+    if SHARED:
+        return PARITY / "fid_inception_random.pt"
+    torch.manual_seed(0)
+    net = fid.FIDInceptionV3()
+    for m in net.modules():  # He init keeps the activations alive through ~90 ReLU layers (the default
+        if isinstance(m, torch.nn.Conv2d):  # init shrinks them to 0: every image, the same features)
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("weights") / "random_inception.pth"
+    torch.save({k: v.half() for k, v in net.state_dict().items()}, path)
+    return path
