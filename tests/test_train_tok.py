@@ -258,6 +258,12 @@ def test_one_step_of_each_recipe(recipe, tmp_path):
     assert all(torch.equal(p, teacher_before[n]) for n, p in t.teacher.named_parameters()) if t.teacher else True
 
 
+def test_perceptual_loss_starts_at_its_step():
+    t = tiny_trainer("single", perceptual=True, perceptual_start=1, disc_weight=0.0)
+    assert "perceptual" not in TT.train_step(t, real_images(4), step=0)
+    assert TT.train_step(t, real_images(4), step=1)["perceptual"] > 0
+
+
 def test_dead_code_restart_reinitialises_only_unused_codes():
     t = tiny_trainer("single", disc_weight=0.0)
     x = real_images(4)
@@ -306,6 +312,10 @@ def test_kill_9_and_resume_continue_exactly(tmp_path):
     assert np.array_equal(np.load(out / "heldout.npz")["arr_0"], want.permute(0, 2, 3, 1).numpy())
     assert torch.equal(T.load_tokenizer(out / "tokenizer.pt").state_dict()["latent_tokens"],
                        b["ema"]["shadow"]["latent_tokens"])
+    # progress.png: the held-out images, then their reconstructions at steps 0, 3 and 6 (one row each)
+    pictures = [T.to_tensor(T.open_rgb(p / "progress.png")) for p in (tmp_path / "full", out)]
+    assert torch.equal(*pictures) and pictures[0].shape[1] == 4 * T.to_tensor(T.open_rgb(out / "grid_00000000.png")
+                                                                             ).shape[1] // 2
     main("--out", out, *SHORT, "--resume")              # finished: nothing is rebuilt or rewritten
     assert log_of(out) == full and json.loads((out / "summary.json").read_text()) == summary
 
@@ -359,7 +369,8 @@ def test_defaults_are_the_tiny_cpu_run():
     run, R = TT.resolve(TT.build_parser(), [], None,
                         lambda run: TT.dataclasses.replace(TT.RECIPES[run.recipe], **TT.TINY_CPU))
     assert (run.preset, run.recipe, Path(run.data)) == ("tiny", "single", ROOT / "data")
-    assert R.dead_code_restart and R.dead_code_every == 50 and R.max_steps == 1_200 and R.disc_weight > 0
+    assert R.dead_code_restart and R.dead_code_every == 50 and R.max_steps == 1_440 and R.disc_weight > 0
+    assert 0 < R.perceptual_start < R.disc_start < R.max_steps and R.max_steps % R.eval_every == 0
     args = ["--preset", "titok_s128", "--recipe", "stage2", "--lr", "3e-4"]
     run, R = TT.resolve(TT.build_parser(), args, None, lambda run: TT.RECIPES[run.recipe])
     assert (R.lr, R.warmup_steps, R.max_steps, R.perceptual_weight, R.disc_weight, R.disc_start, R.beta2,
