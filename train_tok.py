@@ -143,7 +143,8 @@ def lecam_loss(real_mean: torch.Tensor, fake_mean: torch.Tensor, ema_real: torch
 
 def loss_terms(R: Recipe, perceptual: bool) -> str:
     """What a run of `R` trained with, for summary.json: "L2 + 0.1 LPIPS from step 1200 + 0.1 GAN from step 1300"."""
-    terms = ["proxy-code cross-entropy" if R.name == "stage1" else "L2"] + [f"{R.perceptual_weight:g} LPIPS from step {R.perceptual_start}"] * (
+    terms = ["proxy-code cross-entropy" if R.name == "stage1" else "L2"]
+    terms += [f"{R.perceptual_weight:g} LPIPS from step {R.perceptual_start}"] * (
         perceptual and R.perceptual_weight > 0 and R.perceptual_start < R.max_steps)
     terms += [f"{R.disc_weight:g} GAN from step {R.disc_start}"] * (R.disc_weight > 0 and R.disc_start < R.max_steps)
     return " + ".join(terms) + " (no --lpips: no perceptual loss)" * (R.perceptual_weight > 0 and not perceptual)
