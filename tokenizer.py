@@ -214,10 +214,16 @@ class TiTokDecoder(nn.Module):
             self.ffn = nn.Sequential(nn.Conv2d(width, patch_size * patch_size * 3, 1), DepthToSpace(patch_size))
             self.conv_out = nn.Conv2d(3, 3, 3, padding=1)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        (B, C, _, K), G = z.shape, self.grid ** 2
-        x = self.decoder_embed(z.reshape(B, C, K).transpose(1, 2))        # (B, K, W)
-        x = x + self.latent_token_positional_embedding[:K]
+    def forward(self, z: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """z: (B, C, 1, k) tokens, k <= K. A prefix (k < K), or sample b's first keep[b] tokens (nested dropout,
+        beyond the paper: FlexTok, One-D-Piece): the missing tail is mask tokens, so a prefix decodes coarser."""
+        (B, C, _, k), G, K = z.shape, self.grid ** 2, len(self.latent_token_positional_embedding)
+        x = self.decoder_embed(z.reshape(B, C, k).transpose(1, 2))        # (B, k, W)
+        if k < K or keep is not None:
+            keep = torch.full((B,), k, device=x.device) if keep is None else keep
+            x = torch.where(torch.arange(K, device=x.device)[:, None] < keep[:, None, None],
+                            F.pad(x, (0, 0, 0, K - k)), self.mask_token.to(x.dtype))   # (B, K, W)
+        x = x + self.latent_token_positional_embedding
         queries = torch.cat([self.class_embedding.expand(B, 1, -1), self.mask_token.expand(B, G, -1)], dim=1)
         queries = queries + self.positional_embedding                     # (B, 1+G, W)
         x = torch.cat([queries, x], dim=1)                                 # (B, 1+G+K, W)
@@ -393,10 +399,10 @@ class TiTok(nn.Module):
         zq, result = self._encode(images)
         return zq if self.quantize is None else result["ids"]
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, C, 1, K) latents -> pixels (B, 3, H, W), unclamped; stage-1 models return the
-        (B, 1024, g, g) proxy-code logits."""
-        out = self.decoder(z)
+    def decode(self, z: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, 1, k) latents, k <= K (see TiTokDecoder) -> pixels (B, 3, H, W), unclamped; stage-1
+        models return the (B, 1024, g, g) proxy-code logits."""
+        out = self.decoder(z, keep)
         if self.config.pixel_decoder:
             # "Soft" codes: the softmax over the 1024 proxy codes weights the VQGAN codebook, so the
             # decoder stays differentiable (Sec. 3.3).
@@ -406,8 +412,8 @@ class TiTok(nn.Module):
         return out
 
     def decode_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        """(B, K) token ids (or (B, 1, K)) -> images (B, 3, H, W), unclamped. For a VAE, pass the
-        (B, C, 1, K) latents."""
+        """(B, k) token ids (or (B, 1, k)), k <= K: a prefix decodes too -> images (B, 3, H, W), unclamped.
+        For a VAE, pass the (B, C, 1, K) latents."""
         c = self.config
         if self.quantize is None:
             if ids.ndim != 4 or ids.shape[1:] != (c.token_size, 1, c.num_latent_tokens):
@@ -415,17 +421,17 @@ class TiTok(nn.Module):
                                 f"{c.num_latent_tokens}), got {tuple(ids.shape)}")
             return self.decode(ids)
         ids = ids[:, 0] if ids.ndim == 3 and ids.shape[1] == 1 else ids
-        if (ids.ndim != 2 or ids.shape[1] != c.num_latent_tokens or ids.dtype.is_floating_point
+        if (ids.ndim != 2 or not 0 < ids.shape[1] <= c.num_latent_tokens or ids.dtype.is_floating_point
                 or ids.dtype == torch.bool or ids.numel() and (ids.min() < 0 or ids.max() >= c.codebook_size)):
             got = f"{ids.dtype} {tuple(ids.shape)}" + f" in [{ids.min()}, {ids.max()}]" * bool(ids.numel())
-            raise UserError(f"expected integer token ids in [0, {c.codebook_size}), shape (B, {c.num_latent_tokens}); "
+            raise UserError(f"expected integer token ids in [0, {c.codebook_size}), shape (B, k <= {c.num_latent_tokens}); "
                             f"got {got}")
         return self.decode(self.quantize.lookup(ids.long()))
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """Training entry: (reconstruction or proxy-code logits, quantizer losses and stats)."""
         zq, result = self._encode(images)
-        return self.decode(zq), result
+        return self.decode(zq, keep), result
 
 def _init_weights(m: nn.Module) -> None:
     # The reference's `_init_weights`: truncated normal(0.02) for linear/conv weights, zero biases.

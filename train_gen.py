@@ -124,21 +124,49 @@ def tokenize(tokenizer_path: str | os.PathLike, data: str, out: Path, d: Dist, d
     barrier()
     return json.loads((out / "meta.json").read_text())
 
-def load_tokens(folder: Path, cfg: generator.GeneratorConfig) -> tuple[dict, list[torch.Tensor]]:
-    """meta.json and [ids (N, K), labels (N,), held-out ids, held-out labels], checked against `cfg`."""
+def load_tokens(folder: Path, cfg: generator.GeneratorConfig) -> tuple[dict, list, generator.GeneratorConfig]:
+    """meta.json, [ids (N, K), labels (N,), held-out ids, held-out labels], and `cfg` sized for these tokens: the
+    sequence length and vocabulary are the tokenizer's (its --num-tokens, --codebook-size), not the preset's."""
     if not (folder / "meta.json").is_file():
         raise UserError(f"--tokens {folder}: no meta.json (python train_gen.py tokenize --tokenizer CKPT --out DIR)")
     meta = json.loads((folder / "meta.json").read_text())
     arrays = [torch.from_numpy(np.load(folder / f"{n}.npy").astype(np.int64))
               for n in ("tokens", "labels", "heldout_tokens", "heldout_labels")]
-    if (meta["codebook_size"], meta["num_tokens"]) != (cfg.codebook_size, cfg.seq_len):
-        raise UserError(f"--tokens {folder}: codebook {meta['codebook_size']} and {meta['num_tokens']} tokens, but "
-                        f"--preset expects codebook {cfg.codebook_size} and {cfg.seq_len} (or re-tokenise)")
+    cfg = dataclasses.replace(cfg, codebook_size=meta["codebook_size"], seq_len=meta["num_tokens"])
     for x, n in zip(arrays, (cfg.codebook_size, cfg.num_classes) * 2):
         if x.numel() and (x.min() < 0 or x.max() >= n):
             raise UserError(f"--tokens {folder}: values in [{int(x.min())}, {int(x.max())}], outside [0, {n}) "
-                            f"({cfg.num_classes} classes, codebook {cfg.codebook_size} in --preset)")
-    return meta, arrays
+                            f"({cfg.num_classes} classes in --preset, codebook {cfg.codebook_size} in meta.json)")
+    return meta, arrays, cfg
+
+def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                 weight_decay: float = 1e-4, iters: int = 100) -> float:
+    """Test accuracy of a multinomial logistic regression on frozen features (N, D), standardised with the
+    training set's statistics, fit by L-BFGS: how linearly the tokens separate the classes (the paper's
+    linear probing, Sec. 4.2: fewer tokens, more semantic ones)."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    a, b = (train_x - mean) / std, (test_x - mean) / std
+    W = torch.zeros(a.shape[1], int(max(train_y.max(), test_y.max())) + 1, requires_grad=True)   # (D, classes)
+    bias = torch.zeros(W.shape[1], requires_grad=True)
+    opt = torch.optim.LBFGS([W, bias], max_iter=iters, line_search_fn="strong_wolfe")
+
+    def loss() -> torch.Tensor:
+        opt.zero_grad()
+        value = torch.nn.functional.cross_entropy(a @ W + bias, train_y) + weight_decay * W.pow(2).sum()
+        value.backward()
+        return value
+    opt.step(loss)
+    return float(((b @ W + bias).argmax(1) == test_y).float().mean())
+
+def probe(tokens: Path, tokenizer_path: str | None) -> dict:
+    """`train_gen.py probe`: the linear probe on the tokens' codebook vectors (K x C features per image),
+    trained on the training tokens, tested on the held-out ones."""
+    meta, (ids, labels, held_ids, held_labels), _ = load_tokens(tokens, generator.PRESETS["tiny"])
+    tok = tokenizer.load_tokenizer(tokenizer_path or meta["tokenizer"])
+    with torch.no_grad():
+        x, y = (tok.quantize.lookup(i).flatten(1) for i in (ids, held_ids))               # (N, C * K)
+    return dict(accuracy=round(linear_probe(x, labels, y, held_labels), 4), num_tokens=meta["num_tokens"],
+                train=len(ids), heldout=len(held_ids))
 
 # ----------------------------------------------------------------------------------------------
 # 3. The training step (MaskGIT Sec. 3.1).
@@ -204,6 +232,16 @@ def main(argv: list[str] | None = None) -> None:
         with one_line_errors(), distributed((a := build_parser(True).parse_args(argv[1:])).device) as d:
             tokenize(a.tokenizer, a.data, Path(a.out), d, a.dtype, a.batch_size, a.eval_size)
         return
+    if argv[:1] == ["probe"]:
+        p = OneLineErrorParser(prog="train_gen.py probe", description="Linear probe of a tokenizer's tokens.")
+        p.add_argument("--tokens", default="out/tokens", help="folder made by `tokenize` (train + held-out ids)")
+        p.add_argument("--tokenizer", help="its tokenizer (default: the one the tokens record)")
+        p.add_argument("--json", help="also write the result here")
+        with one_line_errors():
+            print(json.dumps(result := probe(Path((a := p.parse_args(argv[1:])).tokens), a.tokenizer)))
+            if a.json:
+                write_atomic(a.json, lambda f: f.write(json.dumps(result).encode()))
+        return
     parser = build_parser()
     with one_line_errors(), distributed((args := parser.parse_args(argv)).device) as d:
         # -- set-up: settings, tokens (made here when missing), the tokenizer (sample grids)
@@ -215,11 +253,19 @@ def main(argv: list[str] | None = None) -> None:
         cfg = generator.PRESETS[run.preset]
         if run.dropout is not None:  # e.g. 0 for runs that must not depend on the number of processes
             cfg = dataclasses.replace(cfg, dropout=run.dropout, attn_dropout=run.dropout)
+        if run.width or run.depth:  # the paper's generator sizes; the MLP stays 4x the width, as in every preset
+            width = run.width or cfg.hidden_size
+            if width % cfg.num_heads:
+                raise UserError(f"--width {width} is not a multiple of {run.preset}'s {cfg.num_heads} attention heads")
+            cfg = dataclasses.replace(cfg, hidden_size=width, mlp_dim=4 * width, num_layers=run.depth or cfg.num_layers)
         if not (Path(tokens := run.tokens) / "meta.json").is_file():  # tokenise with --tokenizer (or train_tok's)
             if not Path(tok_path := run.tokenizer or "out/tok/tokenizer.pt").exists():
                 raise UserError(f"--tokens {tokens} holds no tokens, and no tokenizer (--tokenizer) makes them")
             tokenize(tok_path, run.data, Path(tokens), d, run.dtype, eval_size=run.eval_size)
-        meta, (ids, labels, held_ids, held_labels) = load_tokens(Path(tokens), cfg)
+        meta, (ids, labels, held_ids, held_labels), cfg = load_tokens(Path(tokens), cfg)
+        if ckpt is not None and ckpt.get("config", generator.config_to_dict(cfg)) != generator.config_to_dict(cfg):
+            raise UserError(f"{resumed_from}: another generator architecture (--width, --depth, the tokens' size); "
+                            "resume with the same values, or use another --out")
         tok_path = Path(run.tokenizer or meta["tokenizer"])
         if run.tokenizer and tok_path.exists() and meta.get("tokenizer_sha256") not in (None, sha256_of(tok_path)):
             raise UserError(f"--tokens {tokens} were made with another tokenizer ({meta['tokenizer']}) than "
@@ -268,8 +314,9 @@ def main(argv: list[str] | None = None) -> None:
                 barrier()
                 window = (time.perf_counter(), done)
             if done % R.save_every == 0 or done == R.max_steps:
-                state = checkpoint(parts, d, kind="generator", preset=run.preset, step=done, argv=first_argv,
-                                   position=position, elapsed_s=elapsed + time.perf_counter() - began)
+                state = checkpoint(parts, d, kind="generator", preset=run.preset, config=generator.config_to_dict(cfg),
+                                   step=done, argv=first_argv, position=position,
+                                   elapsed_s=elapsed + time.perf_counter() - began)
                 t.last_checkpoint = save_step_checkpoint(out, done, state, R.keep, d)
 
         # -- save: the export (generator.load_generator prefers its EMA weights) and the summary
@@ -302,6 +349,9 @@ def build_parser(tokenize: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--tokens", default="out/tokens", help="folder made by `tokenize` (made here when missing)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--dropout", type=tokenizer.float_in(0, 1), help="the preset's hidden and attention dropout (0.1)")
+    p.add_argument("--width", type=tokenizer.positive_int, help="hidden size instead of the preset's (MLP: 4x)")
+    p.add_argument("--depth", type=tokenizer.positive_int, help="layers instead of the preset's (token count and "
+                   "codebook size come from --tokens)")
     add_recipe_flags(p, GenRecipe)
     return p
 

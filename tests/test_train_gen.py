@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,3 +126,33 @@ def test_tokenize_train_sample_round_trip(tmp_path):
                         "--out", tmp_path / "grid.png"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert Image.open(tmp_path / "grid.png").size[0] > 64
+
+
+def test_generator_size_comes_from_the_tokens_and_flags(tmp_path, helpers):
+    """Tokens of a 16-token, 512-code tokenizer (train_tok --num-tokens 16 --codebook-size 512) and --width,
+    --depth: the checkpoint records that architecture; resuming with another width is refused."""
+    tokens = helpers.make_tokens(tmp_path / "tokens", codebook=512, k=16)
+    main("--tokens", tokens, "--out", tmp_path / "g", "--width", 64, "--depth", 2, *SHORT)
+    cfg = generator.config_from_dict(torch.load(tmp_path / "g" / "generator.pt", weights_only=True)["config"])
+    assert (cfg.codebook_size, cfg.seq_len, cfg.hidden_size, cfg.mlp_dim, cfg.num_layers) == (512, 16, 64, 256, 2)
+    (tmp_path / "g" / "generator.pt").unlink()
+    with pytest.raises(SystemExit, match="another generator architecture"):
+        main("--tokens", tokens, "--out", tmp_path / "g", "--resume", "--width", 128, *SHORT)
+
+
+def test_linear_probe_separates_a_separable_set_and_not_random_labels():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(300) % 3
+    x = torch.randn(3, 20, generator=g)[y] * 3 + torch.randn(300, 20, generator=g)   # three separated blobs
+    assert train_gen.linear_probe(x[:200], y[:200], x[200:], y[200:]) > 0.95
+    shuffled = y[:200][torch.randperm(200, generator=g)]                                 # labels unrelated to x
+    assert train_gen.linear_probe(x[:200], shuffled, x[200:], y[200:]) < 0.6
+
+
+def test_probe_command_reads_tokens_and_their_tokenizer(tmp_path, helpers, capsys):
+    tokens = helpers.make_tokens(tmp_path / "tokens")
+    tok = helpers.save_tokenizer(helpers.tiny_tokenizer(), tmp_path / "tok.pt")
+    main("probe", "--tokens", tokens, "--tokenizer", tok, "--json", tmp_path / "probe.json")
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result == json.loads((tmp_path / "probe.json").read_text())
+    assert 0 <= result["accuracy"] <= 1 and result["num_tokens"] == 32 and result["heldout"] == 8

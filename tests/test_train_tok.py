@@ -258,6 +258,29 @@ def test_one_step_of_each_recipe(recipe, tmp_path):
     assert all(torch.equal(p, teacher_before[n]) for n, p in t.teacher.named_parameters()) if t.teacher else True
 
 
+def test_size_flags_round_trip_through_the_checkpoint(tmp_path):
+    sizes = ["--num-tokens", 16, "--width", 64, "--depth", 2, "--codebook-size", 256, "--token-size", 8]
+    main("--out", tmp_path, "--max-steps", 1, "--batch-size", 2, "--eval-size", 0, *sizes)
+    tok = T.load_tokenizer(tmp_path / "tokenizer.pt")
+    c = tok.config
+    assert (c.num_latent_tokens, c.enc_width, c.dec_width, c.enc_layers, c.dec_layers, c.codebook_size,
+            c.token_size) == (16, 64, 64, 2, 2, 256, 8)
+    assert tok.encode(real_images(2)).shape == (2, 16) and tok.decode_tokens(torch.zeros(2, 16, dtype=int)).shape == (
+        2, 3, 32, 32)
+    with pytest.raises(SystemExit, match="another architecture"):  # a resumed run keeps its architecture
+        main("--out", tmp_path, "--max-steps", 2, "--resume", "--width", 128)
+
+
+def test_nested_dropout_masks_a_tail_in_training():
+    """With p = 1 every sample decodes from a random prefix: another loss than the full tokens from the same state."""
+    losses = []
+    for p in (0.0, 1.0):
+        t = tiny_trainer("single", disc_weight=0.0, nested_dropout=p)
+        torch.manual_seed(1)
+        losses.append(TT.train_step(t, real_images(4), step=0)["l2"])
+    assert all(torch.isfinite(x) for x in losses) and losses[1] != losses[0]
+
+
 def test_perceptual_loss_starts_at_its_step():
     t = tiny_trainer("single", perceptual=True, perceptual_start=1, disc_weight=0.0)
     assert "perceptual" not in TT.train_step(t, real_images(4), step=0)
