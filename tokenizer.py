@@ -424,8 +424,8 @@ class TiTok(nn.Module):
         if (ids.ndim != 2 or not 0 < ids.shape[1] <= c.num_latent_tokens or ids.dtype.is_floating_point
                 or ids.dtype == torch.bool or ids.numel() and (ids.min() < 0 or ids.max() >= c.codebook_size)):
             got = f"{ids.dtype} {tuple(ids.shape)}" + f" in [{ids.min()}, {ids.max()}]" * bool(ids.numel())
-            raise UserError(f"expected integer token ids in [0, {c.codebook_size}), shape (B, k <= {c.num_latent_tokens}); "
-                            f"got {got}")
+            raise UserError(f"expected integer token ids in [0, {c.codebook_size}), shape (B, k), "
+                            f"1 <= k <= {c.num_latent_tokens}; got {got}")
         return self.decode(self.quantize.lookup(ids.long()))
 
     def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
