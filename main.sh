@@ -89,7 +89,7 @@ rows = [
     (f"gFID ({gf.get('n_samples', '?')} samples vs {gf.get('n_ref', '?')} held-out images)", num(gf.get("fid"), ".2f")),
     ("held-out PSNR (dB)", num(rf.get("psnr", tok.get("heldout_psnr")), ".2f")),
     ("codebook usage on held-out images", num(rf.get("codebook_usage", tok.get("heldout_codebook_usage")), ".1%")),
-    ("tokenizer losses", tok.get("losses", "n/a")),
+    ("tokenizer perceptual loss (LPIPS)", {True: "on", False: "off"}.get(tok.get("perceptual_loss"), "n/a")),
     ("held-out masked-token accuracy (generator)", num(gen.get("heldout_masked_accuracy"), ".3f")),
     (f"wall time: train_tok.py ({tok.get('steps', '?')} steps)", num(tok.get("wall_s"), ".0f", " s")),
     ("wall time: train_gen.py tokenize", num(gen.get("tokenize_wall_s"), ".0f", " s")),

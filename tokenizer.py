@@ -215,14 +215,13 @@ class TiTokDecoder(nn.Module):
             self.conv_out = nn.Conv2d(3, 3, 3, padding=1)
 
     def forward(self, z: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """z: (B, C, 1, k) tokens, k <= K. A prefix (k < K), or sample b's first keep[b] tokens (nested dropout,
-        beyond the paper: FlexTok, One-D-Piece): the missing tail is mask tokens, so a prefix decodes coarser."""
+        # z: (B, C, 1, k), k <= K. A prefix (k < K), or sample b's first keep[b] tokens (nested dropout, beyond the
+        # paper, as FlexTok / One-D-Piece): the missing tail becomes mask tokens, and the image comes out coarser.
         (B, C, _, k), G, K = z.shape, self.grid ** 2, len(self.latent_token_positional_embedding)
         x = self.decoder_embed(z.reshape(B, C, k).transpose(1, 2))        # (B, k, W)
         if k < K or keep is not None:
-            keep = torch.full((B,), k, device=x.device) if keep is None else keep
-            x = torch.where(torch.arange(K, device=x.device)[:, None] < keep[:, None, None],
-                            F.pad(x, (0, 0, 0, K - k)), self.mask_token.to(x.dtype))   # (B, K, W)
+            kept = torch.arange(K, device=x.device)[:, None] < (k if keep is None else keep[:, None, None])
+            x = torch.where(kept, F.pad(x, (0, 0, 0, K - k)), self.mask_token.to(x.dtype))   # (B, K, W)
         x = x + self.latent_token_positional_embedding
         queries = torch.cat([self.class_embedding.expand(B, 1, -1), self.mask_token.expand(B, G, -1)], dim=1)
         queries = queries + self.positional_embedding                     # (B, 1+G, W)
@@ -400,8 +399,7 @@ class TiTok(nn.Module):
         return zq if self.quantize is None else result["ids"]
 
     def decode(self, z: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, C, 1, k) latents, k <= K (see TiTokDecoder) -> pixels (B, 3, H, W), unclamped; stage-1
-        models return the (B, 1024, g, g) proxy-code logits."""
+        """(B, C, 1, k <= K) latents -> pixels (B, 3, H, W), unclamped (stage 1: (B, 1024, g, g) logits)."""
         out = self.decoder(z, keep)
         if self.config.pixel_decoder:
             # "Soft" codes: the softmax over the 1024 proxy codes weights the VQGAN codebook, so the
@@ -412,8 +410,7 @@ class TiTok(nn.Module):
         return out
 
     def decode_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        """(B, k) token ids (or (B, 1, k)), k <= K: a prefix decodes too -> images (B, 3, H, W), unclamped.
-        For a VAE, pass the (B, C, 1, K) latents."""
+        """(B, k <= K) token ids (a prefix decodes too) -> images (B, 3, H, W), unclamped. VAE: (B, C, 1, K) latents."""
         c = self.config
         if self.quantize is None:
             if ids.ndim != 4 or ids.shape[1:] != (c.token_size, 1, c.num_latent_tokens):

@@ -86,14 +86,10 @@ RECIPES: dict[str, Recipe] = {
     "single": Recipe("single"),  # TA-TiTok's configs: perceptual x 1.1, GAN x 0.1 from 200k
     "vqgan": Recipe("vqgan"),    # MaskGIT-VQGAN's recipe was not released: the single-stage values
 }
-# The tiny preset on 2 CPU cores (before the flags): ~9 minutes, lr 1e-3 (1e-4 suits 300M parameters; this model
-# would stay at the mean image), batch 16. From scratch a small VQ model first maps every image to the same codes;
-# restarting unused codes from encoder outputs every 50 steps breaks this. The official losses, scheduled for a
-# short run (measured at equal wall time, rFID of 1,000 held-out images): LPIPS from step 0 halves the images/s
-# and loses (rFID 188 with x0.1, 239 with x1.0, vs 175 with L2 alone). So L2 runs alone until its curve has
-# flattened (mean L2 per 100 steps: 0.018 at step 500, 0.013-0.015 from step 900), LPIPS x0.1 (stage 2's weight)
-# joins at step 1200 (rFID 108 vs 131 for 1200 steps of L2 alone), the GAN (x0.1, 32 channels: a 32-px input)
-# at 1300 (rFID unchanged, 107). Evaluations at 0, 25, 50, 75, 100 %: progress.png.
+# The tiny preset on 2 CPU cores (before the flags): ~9 minutes, lr 1e-3 (1e-4 suits 300M parameters), batch 16.
+# Restarting unused codes every 50 steps stops a small VQ model from mapping every image to the same codes.
+# The official losses, timed for a short run (README, "What the main job measured"): L2 alone until its curve
+# flattens, LPIPS x0.1 from step 1200, the GAN (32 channels for 32 px) from 1300; LPIPS from step 0 did worse.
 TINY_CPU = dict(batch_size=16, max_steps=1_440, warmup_steps=100, lr=1e-3, end_lr=1e-4, perceptual_weight=0.1,
                 perceptual_start=1_200, disc_start=1_300, disc_channels=32, log_every=20, eval_every=360,
                 save_every=360, dead_code_restart=True, dead_code_every=50)
@@ -141,14 +137,6 @@ def lecam_loss(real_mean: torch.Tensor, fake_mean: torch.Tensor, ema_real: torch
                ema_fake: torch.Tensor) -> torch.Tensor:
     """LeCam: the mean real logit near the fake ones' running mean and vice versa (a bounded critic)."""
     return F.relu(real_mean - ema_fake).pow(2).mean() + F.relu(ema_real - fake_mean).pow(2).mean()
-
-def loss_terms(R: Recipe, perceptual: bool) -> str:
-    """What a run of `R` trained with, for summary.json: "L2 + 0.1 LPIPS from step 1200 + 0.1 GAN from step 1300"."""
-    terms = ["proxy-code cross-entropy" if R.name == "stage1" else "L2"]
-    terms += [f"{R.perceptual_weight:g} LPIPS from step {R.perceptual_start}"] * (
-        perceptual and R.perceptual_weight > 0 and R.perceptual_start < R.max_steps)
-    terms += [f"{R.disc_weight:g} GAN from step {R.disc_start}"] * (R.disc_weight > 0 and R.disc_start < R.max_steps)
-    return " + ".join(terms) + " (no --lpips: no perceptual loss)" * (R.perceptual_weight > 0 and not perceptual)
 
 # ----------------------------------------------------------------------------------------------
 # 3. Data. A source maps an index to a uint8 (3, S, S) image and a label; TrainSet makes it an endless stream
@@ -598,7 +586,7 @@ def main(argv: list[str] | None = None) -> None:
                 write_summary(out, dict(preset=run.preset, recipe=R.name, steps=R.max_steps, heldout_images=len(
                     held_idx), wall_s=round(elapsed + time.perf_counter() - began, 1), heldout_psnr=last.get("psnr"),
                     **{k: last.get(k) for k in ("heldout_codebook_usage", "heldout_perplexity")},
-                    losses=loss_terms(R, lpips is not None)))
+                    perceptual_loss=lpips is not None and R.perceptual_start < R.max_steps))
             print(f"done: step {R.max_steps}; wrote {export}, {t.last_checkpoint}, {out}/log.jsonl")
 
 # ----------------------------------------------------------------------------------------------
