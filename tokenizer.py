@@ -225,8 +225,7 @@ class TiTokDecoder(nn.Module):
         x = x + self.latent_token_positional_embedding
         queries = torch.cat([self.class_embedding.expand(B, 1, -1), self.mask_token.expand(B, G, -1)], dim=1)
         queries = queries + self.positional_embedding                     # (B, 1+G, W)
-        x = torch.cat([queries, x], dim=1)                                 # (B, 1+G+K, W)
-        x = self.ln_pre(x)
+        x = self.ln_pre(torch.cat([queries, x], dim=1))                    # (B, 1+G+K, W)
         for block in self.transformer:
             x = block(x)
         x = self.ln_post(x[:, 1:1 + G])                                    # (B, G, W): the patch positions
@@ -404,8 +403,7 @@ class TiTok(nn.Module):
         if self.config.pixel_decoder:
             # "Soft" codes: the softmax over the 1024 proxy codes weights the VQGAN codebook, so the
             # decoder stays differentiable (Sec. 3.3).
-            probs = out.float().softmax(dim=1)                             # (B, 1024, g, g)
-            z = torch.einsum("nchw,cd->ndhw", probs, self.pixel_quantize.codebook())
+            z = torch.einsum("nchw,cd->ndhw", out.float().softmax(dim=1), self.pixel_quantize.codebook())  # (B,D,g,g)
             out = self.pixel_decoder(z.to(out.dtype))                      # (B, 3, 16g, 16g)
         return out
 
