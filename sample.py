@@ -1,29 +1,25 @@
-"""Sample class-conditional images: a MaskGIT generator draws TiTok tokens (TiTok Sec. 3.4), the
-TiTok tokenizer decodes them to pixels.
+"""Sample class-conditional images: a MaskGIT generator draws TiTok tokens (TiTok Sec. 3.4), the tokenizer decodes them.
 
-Evaluation protocol (TiTok Sec. 4.3, after ADM, Dhariwal & Nichol 2021): 50,000 samples, 50 per
-ImageNet class, official sampling settings, in one .npz with uint8 (N, H, W, 3) under `arr_0`; ADM's
-evaluator (or fid.py) computes gFID against the reference batch.
+Evaluation protocol (TiTok Sec. 4.3, after ADM, Dhariwal & Nichol 2021): 50,000 samples, 50 per ImageNet class, official
+settings, in one .npz (uint8 (N, H, W, 3) as `arr_0`); gFID against the reference batch by ADM's evaluator or fid.py.
 
   python sample.py --ckpt GEN --tokenizer TOK --classes 207 360 387 --per-class 4 --out grid.png
   torchrun --nproc_per_node=8 sample.py --ckpt GEN --tokenizer TOK --num-samples 50000 --npz samples.npz
 
-Read first `sample_images` (section 1: one batch, tokens then pixels), then `run_npz` (section 3,
-resumable: rerun the same command). Batch b draws its noise from its own RNG seeded with (--seed, b),
-so the samples depend on the two models, the seed, the batch size and the settings only: a resumed
-run, or one split over processes, writes exactly the images of one uninterrupted process. Settings
-default to the official ones of the generator's preset (generator.DEFAULT_SAMPLING)."""
+Read first `sample_images` (one batch, tokens then pixels), then `run_npz` (resumable: rerun the same command).
+Batch b draws its noise from its own RNG seeded with (--seed, b), so a resumed run, or one split over processes,
+writes exactly the images of one uninterrupted process. Settings default to the official ones of the preset."""
 from __future__ import annotations
 
-import argparse, inspect, json, math, os, shutil, sys, time  # noqa: E401
+import argparse, inspect, json, math, shutil, sys, time  # noqa: E401
 from pathlib import Path
 
 import numpy as np, torch  # noqa: E401
 from tqdm import tqdm
 
 import generator, tokenizer  # noqa: E401
-from tokenizer import UserError, float_in, positive_int, write_atomic
-from train_tok import Dist, barrier, distributed, image_grid, sha256_of
+from tokenizer import UserError, float_in, image_grid, positive_int, write_atomic
+from train_tok import Dist, barrier, distributed, sha256_of
 
 # 1. One batch: token ids from the generator, then pixels from the tokenizer.
 
@@ -43,7 +39,6 @@ def sample_images(model: torch.nn.Module, tok: tokenizer.TiTok, labels: list[int
 # 2. A picture: one row per class.
 
 def run_grid(args, sample, labels: list[int], settings: dict, d: Dist) -> None:
-    """One row per class, --per-class images each; image_grid enlarges small images."""
     start = time.perf_counter()
     images = np.concatenate([sample(b) for b in range(math.ceil(len(labels) / args.batch_size))])
     x = torch.from_numpy(images).permute(0, 3, 1, 2) / 255.0                 # (N, 3, H, W), exact in [0, 1]
@@ -51,13 +46,6 @@ def run_grid(args, sample, labels: list[int], settings: dict, d: Dist) -> None:
     print(f"wrote {args.out}: {len(x)} images in {time.perf_counter() - start:.1f} s")
 
 # 3. The evaluation protocol: --num-samples images into one .npz, resumable, over torchrun ranks.
-
-def fingerprint(args, settings: dict) -> dict:
-    """Everything the samples depend on; the models by CONTENT (a checkpoint retrained at the same path is
-    another model, never to be mixed in)."""
-    return {"generator_sha256": sha256_of(args.ckpt), "tokenizer_sha256": sha256_of(args.tokenizer),
-            "num_samples": args.num_samples, "batch_size": args.batch_size, "seed": args.seed,
-            "classes": args.classes, "dtype": args.dtype, "settings": settings}
 
 def stored_fingerprint(path: Path) -> str | None:
     try:
@@ -69,8 +57,11 @@ def run_npz(args, sample, labels: list[int], settings: dict, d: Dist) -> None:
     """Rank r samples batches b = r, r + world, ... into `<npz>.shards/<b>.npy`, skipping finished
     ones (that is the resume); rank 0 then joins them into the .npz and removes the shards."""
     out, shards, start = args.npz, Path(f"{args.npz}.shards"), time.perf_counter()
-    fp, stamp = fingerprint(args, settings), shards / "fingerprint.json"
-    key = json.dumps(fp, sort_keys=True)
+    # Everything the samples depend on; the models by CONTENT (retrained at the same path: another model).
+    fp = {"generator_sha256": sha256_of(args.ckpt), "tokenizer_sha256": sha256_of(args.tokenizer),
+          "num_samples": args.num_samples, "batch_size": args.batch_size, "seed": args.seed,
+          "classes": args.classes, "dtype": args.dtype, "settings": settings}
+    stamp, key = shards / "fingerprint.json", json.dumps(fp, sort_keys=True)
     if bad := [p for p in (out, stamp) if p.exists() and stored_fingerprint(p) != key]:
         raise UserError(f"{bad[0]} was made by another generator/tokenizer or settings; "
                         "delete it or choose another --npz")

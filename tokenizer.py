@@ -105,13 +105,10 @@ class TiTokEncoder(nn.Module):
             x = block(x)
         K, W = latents.shape
         z = self.ln_post(x[:, -K:])                                        # (B, K, W)
-        if self.legacy_reshape:
-            # The quirk of the released two-stage checkpoints: a plain reshape of (B, K, W) memory to
-            # (B, W, K, 1). "Channel" w of "token" k is not feature w of token k; the 1x1 conv then
-            # mixes a scrambled layout. The weights were trained this way, so loading them needs it.
-            z = z.reshape(B, W, K, 1)
-        else:
-            z = z.transpose(1, 2).reshape(B, W, K, 1)                      # proper (B, W, K, 1)
+        # The quirk of the released two-stage checkpoints (legacy_reshape): a plain reshape of (B, K, W) memory to
+        # (B, W, K, 1). "Channel" w of "token" k is not feature w of token k; the 1x1 conv then mixes a scrambled
+        # layout. The weights were trained this way, so loading them needs it. Otherwise: a proper transpose.
+        z = z.reshape(B, W, K, 1) if self.legacy_reshape else z.transpose(1, 2).reshape(B, W, K, 1)
         z = self.conv_out(z)                                               # (B, C, K, 1)
         return z.reshape(B, -1, 1, K)                                      # (B, C, 1, K)
 
@@ -119,10 +116,9 @@ class TiTokEncoder(nn.Module):
 # 3. Quantisation: K continuous latents -> K ids (VQ, van den Oord et al., 2017) or a VAE sample.
 
 class VectorQuantizer(nn.Module):
-    """Nearest-codebook lookup. With `use_l2_norm` both the latents and the codebook rows are
-    l2-normalised first, so "nearest" means highest cosine similarity (as in ViT-VQGAN, Yu et al.
-    2022): it keeps all codes on the sphere and improves codebook usage (TiTok Sec. 4.1).
-    Works on any (B, C, H, W) grid: TiTok's (B, C, 1, K) tokens or a VQGAN's (B, C, h, w) codes."""
+    """Nearest-codebook lookup. With `use_l2_norm` latents and codebook rows are l2-normalised first, so "nearest"
+    means highest cosine similarity (ViT-VQGAN, Yu et al. 2022): all codes stay on the sphere, more of them are used
+    (TiTok Sec. 4.1). Any (B, C, H, W) grid: TiTok's (B, C, 1, K) tokens or a VQGAN's (B, C, h, w) codes."""
     def __init__(self, codebook_size: int, token_size: int, commitment_cost: float = 0.25, use_l2_norm: bool = False):
         super().__init__()
         self.embedding = nn.Embedding(codebook_size, token_size)
@@ -340,6 +336,7 @@ class MaskGITVQGAN(nn.Module):
         """(B, h*w) ids -> (B, 3, H, W) unclamped (the reference's decode also clamps to [0, 1])."""
         g = math.isqrt(codes.shape[1])                                     # square code grid
         return self.decoder(self.quantize.codebook()[codes].view(len(codes), g, g, -1).permute(0, 3, 1, 2))
+    decode_tokens = decode_codes  # TiTok's name: load_tokenizer opens a trained one as a 2-D tokenizer
 
 # ----------------------------------------------------------------------------------------------
 # 6. The tokenizer.
@@ -412,8 +409,7 @@ class TiTok(nn.Module):
         c = self.config
         if self.quantize is None:
             if ids.ndim != 4 or ids.shape[1:] != (c.token_size, 1, c.num_latent_tokens):
-                raise UserError(f"expected VAE latents of shape (B, {c.token_size}, 1, "
-                                f"{c.num_latent_tokens}), got {tuple(ids.shape)}")
+                raise UserError(f"VAE latents are (B, {c.token_size}, 1, {c.num_latent_tokens}), not {list(ids.shape)}")
             return self.decode(ids)
         ids = ids[:, 0] if ids.ndim == 3 and ids.shape[1] == 1 else ids
         if (ids.ndim != 2 or not 0 < ids.shape[1] <= c.num_latent_tokens or ids.dtype.is_floating_point
@@ -429,9 +425,8 @@ class TiTok(nn.Module):
         return self.decode(zq, keep), result
 
 def _init_weights(m: nn.Module) -> None:
-    # The reference's `_init_weights`: truncated normal(0.02) for linear/conv weights, zero biases.
-    # (Attention's packed in_proj keeps its xavier init: in the reference it belongs to
-    # nn.MultiheadAttention, which is no nn.Linear; positions and tokens keep N(0, 1/width).)
+    # The reference's `_init_weights`: truncated normal(0.02) for linear/conv weights, zero biases. Attention's packed
+    # in_proj keeps its xavier init (nn.MultiheadAttention's, no nn.Linear); positions and tokens keep N(0, 1/width).
     if isinstance(m, (nn.Linear, nn.Conv2d)):
         nn.init.trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
@@ -440,8 +435,7 @@ def _init_weights(m: nn.Module) -> None:
 # ----------------------------------------------------------------------------------------------
 # 7. Configs. Modules take explicit arguments; only TiTok.__init__ reads a whole config.
 
-# The reference knows three ViT sizes (width, layers, heads); the MLP ratio is always 4.
-VIT_SIZES = {"small": (512, 8, 8), "base": (768, 12, 12), "large": (1024, 24, 16)}
+VIT_SIZES = {"small": (512, 8, 8), "base": (768, 12, 12), "large": (1024, 24, 16)}  # (width, layers, heads); MLP 4x
 
 @dataclass
 class VQGANConfig:
@@ -506,11 +500,7 @@ PRESETS: dict[str, TiTokConfig] = {
                         token_size=12, codebook_size=1024, use_l2_norm=True, **_SINGLE),
 }
 
-def config_to_dict(cfg: TiTokConfig) -> dict:
-    """Plain-python form stored in our checkpoints (loadable with torch.load(weights_only=True))."""
-    return dataclasses.asdict(cfg)
-
-def config_from_dict(d: dict) -> TiTokConfig:
+def config_from_dict(d: dict) -> TiTokConfig:  # inverse of dataclasses.asdict, the form our checkpoints store
     try:
         vq = {k: tuple(v) if k == "channel_mult" else v for k, v in d.get("vqgan", {}).items()}
         return TiTokConfig(**{**d, "vqgan": VQGANConfig(**vq)})
@@ -519,9 +509,8 @@ def config_from_dict(d: dict) -> TiTokConfig:
 
 def config_from_official(cfg: dict, vit_sizes: dict | None = None,
                          pixel_decoder: dict | None = None) -> TiTokConfig:
-    """Map an official config (the `model.vq_model` schema of the reference YAML / HF config.json)
-    to ours. `vit_sizes` adds ViT sizes ({name: {width, num_layers, num_heads}}); `pixel_decoder`
-    overrides the MaskGIT-VQGAN decoder hyper-parameters, which the reference hard-codes."""
+    """An official config (`model.vq_model` of the reference YAML / HF config.json) as ours; `vit_sizes` adds ViT
+    sizes ({name: {width, num_layers, num_heads}}), `pixel_decoder` the VQGAN values the reference hard-codes."""
     vq = cfg.get("model", cfg).get("vq_model", cfg.get("model", cfg))
     image_size = cfg.get("dataset", {}).get("preprocessing", {}).get("crop_size", 256)
     sizes = {**VIT_SIZES, **{n: (s["width"], s["num_layers"], s["num_heads"]) for n, s in (vit_sizes or {}).items()}}
@@ -570,16 +559,14 @@ def load_official_weights(model: nn.Module, state_dict: dict) -> None:
     model.load_state_dict(state_dict, strict=True)
 
 def checkpoint_weights(ckpt: dict, kind: str, path: str | os.PathLike) -> tuple[dict, dict]:
-    """(config dict, weights) of one of our own checkpoints ({"kind", "config", "model", "ema"...}).
-    The EMA weights are preferred: they are what a finished run is evaluated with."""
+    """(config dict, weights) of one of our checkpoints ({kind, config, model, ema...}); EMA weights preferred."""
     if ckpt.get("kind") != kind or not {"config", "model"} <= set(ckpt):
         raise UserError(f"{path} is not a {kind} checkpoint (kind {ckpt.get('kind')!r}, keys {sorted(ckpt)[:8]})")
     return ckpt["config"], ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
 
 def load_tokenizer(path: str | os.PathLike, preset: str | None = None) -> TiTok:
-    """Open a tokenizer: an HF snapshot folder (config.json + model.safetensors / pytorch_model.bin),
-    an official .safetensors / .bin file (give `preset`, or it is guessed from the shapes), or one
-    of our training checkpoints (config + weights; EMA weights preferred)."""
+    """A tokenizer from an HF snapshot folder (config.json + model.safetensors / pytorch_model.bin), an official
+    .safetensors / .bin file (give `preset`, or it is guessed from the shapes), or one of our checkpoints."""
     path, cfg = Path(path), PRESETS.get(preset) if preset else None
     if preset and cfg is None:
         raise UserError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
@@ -590,7 +577,14 @@ def load_tokenizer(path: str | os.PathLike, preset: str | None = None) -> TiTok:
         sd = read_checkpoint(weights[0])
         if cfg is None and (path / "config.json").is_file():
             cfg = config_from_official(json.loads((path / "config.json").read_text()))
-    elif isinstance(sd := read_checkpoint(path), dict) and "kind" in sd:  # one of our own checkpoints
+    elif isinstance(sd := read_checkpoint(path), dict) and sd.get("kind") == "vqgan":  # train_tok --recipe vqgan
+        cfg, sd = checkpoint_weights(sd, "vqgan", path)
+        load_official_weights(model := MaskGITVQGAN((cfg := config_from_dict(cfg)).vqgan), sd)
+        # The 2-D baseline behind TiTok's interface: its K tokens are the h*w cells of its code grid.
+        g, v = cfg.image_size // 2 ** (len(cfg.vqgan.channel_mult) - 1), cfg.vqgan.num_embeddings
+        model.config = dataclasses.replace(cfg, num_latent_tokens=g * g, codebook_size=v, use_l2_norm=False)
+        return model.eval()
+    elif isinstance(sd, dict) and "kind" in sd:  # one of our own checkpoints
         config, sd = checkpoint_weights(sd, "tokenizer", path)
         cfg = config_from_dict(config)
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -601,8 +595,7 @@ def load_tokenizer(path: str | os.PathLike, preset: str | None = None) -> TiTok:
     return model.eval()
 
 # ----------------------------------------------------------------------------------------------
-# 9. Command line: reconstruct or encode image files.
-#    python tokenizer.py reconstruct --ckpt out/tok/tokenizer.pt photo.jpg --out recon/
+# 9. Command line: reconstruct or encode image files (python tokenizer.py reconstruct --ckpt CKPT photo.jpg --out DIR).
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="TiTok tokenizer: reconstruct or encode image files.")
@@ -622,9 +615,7 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError("encode writes token ids; this is a VAE tokenizer (continuous latents)")
         if args.command == "reconstruct" and len({Path(f).stem for f in args.images}) < len(args.images):
             raise UserError("two images share a file name stem; their outputs would overwrite each other")
-        from tqdm import tqdm
-        for i in tqdm(range(0, len(args.images), args.batch_size), args.command,
-                      disable=len(args.images) <= args.batch_size):
+        for i in range(0, len(args.images), args.batch_size):  # (a line per image: no progress bar)
             paths = args.images[i:i + args.batch_size]
             x = torch.stack([load_image(f, tok.config.image_size) for f in paths]).to(args.device)
             with torch.no_grad(), autocast(args.device, args.dtype):
@@ -681,9 +672,8 @@ _SAFETENSORS_DTYPES = dict(F64=torch.float64, F32=torch.float32, F16=torch.float
                            BOOL=torch.bool)
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a .safetensors file: an 8-byte little-endian header length n, n bytes of JSON
-    {name: {dtype, shape, data_offsets: [begin, end]}} (plus an optional "__metadata__"), then the
-    raw little-endian tensor bytes, offsets counted from the end of the header."""
+    """A .safetensors file: an 8-byte little-endian header length n, n bytes of JSON {name: {dtype, shape,
+    data_offsets: [begin, end]}} (+ an optional "__metadata__"), the raw tensor bytes (offsets from there)."""
     buf = bytearray(Path(path).read_bytes())  # one copy of the file; the tensors below are views into it
     try:
         if len(buf) < 8 or 8 + (n := int.from_bytes(buf[:8], "little")) > len(buf):
@@ -717,8 +707,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
                         ) from None
 
 def write_atomic(path: str | os.PathLike, write) -> Path:
-    """write(file) into a temporary file beside `path`, fsync, rename: a kill or a full disk leaves the
-    previous file (or none), never half a one, and no temporary file."""
+    """write(file) into a temporary file beside `path`, fsync, rename: a kill or a full disk leaves the previous
+    file (or none), never half a one, and no temporary file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -741,9 +731,8 @@ def write_atomic(path: str | os.PathLike, write) -> Path:
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
 
 def open_rgb(path: str | os.PathLike) -> Image.Image:
-    """Any image file -> 8-bit RGB. PIL's convert("RGB") would clip 16-bit and 32-bit greyscale
-    (modes I;16, I) to white and drop alpha onto black, so: 16/32-bit values are scaled to 8 bits
-    (x / 257), float images (mode F) are read as [0, 1], and transparency is composited on white."""
+    """Any image file -> 8-bit RGB. PIL's convert("RGB") would clip 16/32-bit greyscale to white and drop alpha
+    onto black, so: 16/32-bit values are scaled (x / 257), float (mode F) read as [0, 1], alpha composited on white."""
     try:
         with Image.open(path) as im:
             im.load()  # decode now, so truncated files fail here with a clear message
@@ -766,8 +755,7 @@ def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
     return img if new == (w, h) else img.resize(new, Image.BICUBIC)
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """The evaluation transform of TiTok (Resize + CenterCrop, torchvision's rounding): used by
-    training's held-out images, `reconstruct` and rFID alike."""
+    """TiTok's evaluation transform (Resize + CenterCrop, torchvision's rounding): held-out images, rFID alike."""
     img = resize_shorter_side(img, size)
     left, top = int(round((img.size[0] - size) / 2)), int(round((img.size[1] - size) / 2))
     return img.crop((left, top, left + size, top + size))
@@ -788,13 +776,24 @@ def save_image(x: torch.Tensor, path: str | os.PathLike) -> None:
     fmt = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
     write_atomic(path, lambda f: Image.fromarray(to_uint8(x).permute(1, 2, 0).cpu().numpy()).save(f, format=fmt))
 
+def image_grid(images: torch.Tensor, nrow: int, min_size: int = 128) -> torch.Tensor:
+    """(N, 3, S, S) in [0, 1] -> one (3, H, W) picture, `nrow` images per row, a 1-px white frame
+    around each; small images are upscaled (nearest) so a 32 px grid is still easy to look at."""
+    n, _, s, _ = images.shape
+    rows = math.ceil(n / nrow)
+    framed = F.pad(images.float().clamp(0, 1), (1, 1, 1, 1), value=1.0)       # (N, 3, S+2, S+2)
+    framed = torch.cat([framed, framed.new_ones(rows * nrow - n, *framed.shape[1:])])
+    grid = framed.view(rows, nrow, 3, s + 2, s + 2).permute(2, 0, 3, 1, 4).reshape(3, rows * (s + 2), nrow * (s + 2))
+    if s < min_size:
+        grid = F.interpolate(grid[None], scale_factor=min_size // s, mode="nearest")[0]
+    return grid
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of images in [0, 1] (the MSE over the whole batch)."""
     return 10 * math.log10(1.0 / mse) if (mse := F.mse_loss(a.float(), b.float()).item()) else math.inf
 
 def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast for dtype "bf16", nothing for "fp32". Discrete decisions (the quantizer's
-    nearest code, the generator's sampling) switch it off again where they are made."""
+    """bf16 autocast for "bf16", none for "fp32"; discrete decisions (nearest code, sampling) switch it off."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import generator, tokenizer  # noqa: E401
 from tokenizer import UserError, autocast, write_atomic
 from train_tok import (EMA, EVAL_SIZE, HERE, Dist, OneLineErrorParser, TrainSet, add_recipe_flags, barrier,
-                       check_finite, checkpoint, distributed, image_grid, lr_at, make_adamw, nonneg_int,
+                       check_finite, checkpoint, distributed, lr_at, make_adamw, nonneg_int,
                        one_line_errors, open_image_source, open_log, resolve, restore, resume_from, run_is_finished,
                        save_checkpoint, save_step_checkpoint, set_lr, sha256_of, split_heldout, step_batches,
                        world_mean, world_sum, write_log, write_summary)
@@ -158,16 +158,6 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     opt.step(loss)
     return float(((b @ W + bias).argmax(1) == test_y).float().mean())
 
-def probe(tokens: Path, tokenizer_path: str | None) -> dict:
-    """`train_gen.py probe`: the linear probe on the tokens' codebook vectors (K x C features per image),
-    trained on the training tokens, tested on the held-out ones."""
-    meta, (ids, labels, held_ids, held_labels), _ = load_tokens(tokens, generator.PRESETS["tiny"])
-    tok = tokenizer.load_tokenizer(tokenizer_path or meta["tokenizer"])
-    with torch.no_grad():
-        x, y = (tok.quantize.lookup(i).flatten(1) for i in (ids, held_ids))               # (N, C * K)
-    return dict(accuracy=round(linear_probe(x, labels, y, held_labels), 4), num_tokens=meta["num_tokens"],
-                train=len(ids), heldout=len(held_ids))
-
 # ----------------------------------------------------------------------------------------------
 # 3. The training step (MaskGIT Sec. 3.1).
 
@@ -232,16 +222,6 @@ def main(argv: list[str] | None = None) -> None:
         with one_line_errors(), distributed((a := build_parser(True).parse_args(argv[1:])).device) as d:
             tokenize(a.tokenizer, a.data, Path(a.out), d, a.dtype, a.batch_size, a.eval_size)
         return
-    if argv[:1] == ["probe"]:
-        p = OneLineErrorParser(prog="train_gen.py probe", description="Linear probe of a tokenizer's tokens.")
-        p.add_argument("--tokens", default="out/tokens", help="folder made by `tokenize` (train + held-out ids)")
-        p.add_argument("--tokenizer", help="its tokenizer (default: the one the tokens record)")
-        p.add_argument("--json", help="also write the result here")
-        with one_line_errors():
-            print(json.dumps(result := probe(Path((a := p.parse_args(argv[1:])).tokens), a.tokenizer)))
-            if a.json:
-                write_atomic(a.json, lambda f: f.write(json.dumps(result).encode()))
-        return
     parser = build_parser()
     with one_line_errors(), distributed((args := parser.parse_args(argv)).device) as d:
         # -- set-up: settings, tokens (made here when missing), the tokenizer (sample grids)
@@ -254,8 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         if run.dropout is not None:  # e.g. 0 for runs that must not depend on the number of processes
             cfg = dataclasses.replace(cfg, dropout=run.dropout, attn_dropout=run.dropout)
         if run.width or run.depth:  # the paper's generator sizes; the MLP stays 4x the width, as in every preset
-            width = run.width or cfg.hidden_size
-            if width % cfg.num_heads:
+            if (width := run.width or cfg.hidden_size) % cfg.num_heads:
                 raise UserError(f"--width {width} is not a multiple of {run.preset}'s {cfg.num_heads} attention heads")
             cfg = dataclasses.replace(cfg, hidden_size=width, mlp_dim=4 * width, num_layers=run.depth or cfg.num_layers)
         if not (Path(tokens := run.tokens) / "meta.json").is_file():  # tokenise with --tokenizer (or train_tok's)
@@ -264,8 +243,7 @@ def main(argv: list[str] | None = None) -> None:
             tokenize(tok_path, run.data, Path(tokens), d, run.dtype, eval_size=run.eval_size)
         meta, (ids, labels, held_ids, held_labels), cfg = load_tokens(Path(tokens), cfg)
         if ckpt is not None and ckpt.get("config", generator.config_to_dict(cfg)) != generator.config_to_dict(cfg):
-            raise UserError(f"{resumed_from}: another generator architecture (--width, --depth, the tokens' size); "
-                            "resume with the same values, or use another --out")
+            raise UserError(f"{resumed_from}: another generator than the tokens in {tokens} need; use another --out")
         tok_path = Path(run.tokenizer or meta["tokenizer"])
         if run.tokenizer and tok_path.exists() and meta.get("tokenizer_sha256") not in (None, sha256_of(tok_path)):
             raise UserError(f"--tokens {tokens} were made with another tokenizer ({meta['tokenizer']}) than "
@@ -308,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
                             g = torch.Generator(d.device).manual_seed(0)
                             sample = generator.generate(t.net.eval(), classes, generator=g,
                                                         **generator.DEFAULT_SAMPLING.get(run.preset, {}))
-                            grid = image_grid(tok.decode_tokens(sample).float().clamp(0, 1).cpu(), 8)
+                            grid = tokenizer.image_grid(tok.decode_tokens(sample).float().clamp(0, 1).cpu(), 8)
                             tokenizer.save_image(grid, out / f"samples_{done:08d}.png")
                 write_log(log, last)
                 barrier()

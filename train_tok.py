@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tokenizer
 from fid import LPIPS, load_lpips
-from tokenizer import PRESETS, MaskGITVQGAN, TiTok, TiTokConfig, UserError, autocast, write_atomic
+from tokenizer import PRESETS, MaskGITVQGAN, TiTok, TiTokConfig, UserError, autocast, image_grid, write_atomic
 
 HERE = Path(__file__).resolve().parent
 
@@ -86,10 +86,8 @@ RECIPES: dict[str, Recipe] = {
     "single": Recipe("single"),  # TA-TiTok's configs: perceptual x 1.1, GAN x 0.1 from 200k
     "vqgan": Recipe("vqgan"),    # MaskGIT-VQGAN's recipe was not released: the single-stage values
 }
-# The tiny preset on 2 CPU cores (before the flags): ~9 minutes, lr 1e-3 (1e-4 suits 300M parameters), batch 16.
-# Restarting unused codes every 50 steps stops a small VQ model from mapping every image to the same codes.
-# The official losses, timed for a short run (README, "What the main job measured"): L2 alone until its curve
-# flattens, LPIPS x0.1 from step 1200, the GAN (32 channels for 32 px) from 1300; LPIPS from step 0 did worse.
+# The tiny preset on 2 CPU cores (before the flags), lr 1e-3 (1e-4 suits 300M parameters), dead codes restarted
+# every 50 steps; L2 alone until its curve flattens, then LPIPS, then the GAN (README, "What the main job measured").
 TINY_CPU = dict(batch_size=16, max_steps=1_440, warmup_steps=100, lr=1e-3, end_lr=1e-4, perceptual_weight=0.1,
                 perceptual_start=1_200, disc_start=1_300, disc_channels=32, log_every=20, eval_every=360,
                 save_every=360, dead_code_restart=True, dead_code_every=50)
@@ -118,17 +116,14 @@ class PatchDiscriminator(nn.Module):
         super().__init__()
         c = [channels] + [channels * 2 ** i for i in range(stages)]                     # 128, 128, 256, 512
         self.block_in = nn.Sequential(nn.Conv2d(3, channels, 5, padding=2), nn.LeakyReLU(0.1))
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(c[i], c[i + 1], 3, padding=1), BlurDownsample(),
-                                                  nn.GroupNorm(32, c[i + 1]), nn.LeakyReLU(0.1))
-                                    for i in range(stages))
+        self.blocks = nn.Sequential(*(nn.Sequential(nn.Conv2d(c[i], c[i + 1], 3, padding=1), BlurDownsample(),
+                                                    nn.GroupNorm(32, c[i + 1]), nn.LeakyReLU(0.1))
+                                      for i in range(stages)))
         self.pool = nn.AdaptiveMaxPool2d((16, 16))
         self.to_logits = nn.Sequential(nn.Conv2d(c[3], c[3], 1), nn.LeakyReLU(0.1), nn.Conv2d(c[3], 1, 5, padding=2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.block_in(x)
-        for block in self.blocks:
-            h = block(h)
-        return self.to_logits(self.pool(h))
+        return self.to_logits(self.pool(self.blocks(self.block_in(x))))
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:  # real > +1, fake < -1
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
@@ -266,8 +261,6 @@ def resized(cfg: TiTokConfig, run: argparse.Namespace) -> TiTokConfig:
                                       for f in fields})
     if cfg.enc_width % cfg.enc_heads or cfg.dec_width % cfg.dec_heads:
         raise UserError(f"--width {cfg.enc_width} is not a multiple of {run.preset}'s {cfg.enc_heads} attention heads")
-    if cfg.quantize_mode == "vae" and run.codebook_size:
-        raise UserError(f"{run.preset} is a VAE tokenizer: it has no codebook (drop --codebook-size)")
     return cfg
 
 def read_weights(path: str | os.PathLike, kind: str) -> dict[str, torch.Tensor]:  # official, or our export's EMA
@@ -440,8 +433,7 @@ def evaluate(t: Trainer, images: torch.Tensor, out_dir: Path, step: int, batch: 
     return record | ({"code_acc": round(hits / len(images), 4)} if t.teacher is not None else {})
 
 def progress_picture(out: Path, columns: int = 8) -> None:
-    """progress.png from the evaluations' grids (step 0's too): the held-out images on top, then the
-    reconstructions of each evaluation, one row per evaluation. Learning, as one picture."""
+    """progress.png: the held-out images, then one row of their reconstructions per evaluation (step 0 too)."""
     grids = [tokenizer.to_tensor(tokenizer.open_rgb(p)) for p in sorted(out.glob("grid_*.png"))]  # (3, 2h, 16h)
     if grids:
         h = grids[0].shape[1] // 2                                   # a row of framed, upscaled square images
@@ -470,7 +462,7 @@ def resolve(parser: argparse.ArgumentParser, argv: list[str], ckpt: dict | None,
     the new flags on top (e.g. a longer --max-steps); what decides its data and model must not change."""
     if ckpt is not None:
         (a0, r0), (a, r) = resolve(parser, ckpt["argv"], None, base), resolve(parser, ckpt["argv"] + argv, None, base)
-        for k in ("preset", "recipe", "data", "tokens", "eval_size", "seed"):
+        for k in ("preset", "recipe", "data", "tokens", "eval_size", "seed", "dropout", *SIZE_FLAGS):
             old, new = ({**vars(x), **dataclasses.asdict(y)}.get(k) for x, y in ((a0, r0), (a, r)))
             if old != new:
                 raise UserError(f"--resume: {a.out} was trained with --{k.replace('_', '-')} {old}, not {new} "
@@ -488,9 +480,8 @@ def run_is_finished(ckpt: dict | None, max_steps: int, export: Path, d: Dist) ->
     return done
 
 def checkpoint(parts: dict, d: Dist, **values) -> dict:
-    """The state dicts of the `parts` (model, EMA, optimisers), `values`, every process's torch RNG
-    state (collective): data order, augmentation, masks and dead-code choices are seeded by position
-    or step; the global generators feed only VAE noise and dropout."""
+    """The `parts`' state dicts, `values`, every process's torch RNG state (collective; data order, augmentation,
+    masks and dead-code restarts are seeded by position or step: the global RNG feeds only VAE noise, dropout)."""
     mine = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}
     rng = [mine] * d.world
     if d.world > 1:
@@ -522,9 +513,7 @@ def main(argv: list[str] | None = None) -> None:
         run.kind = "vqgan" if run.recipe == "vqgan" else "tokenizer"
         if run_is_finished(ckpt, R.max_steps, export := out / f"{run.kind}.pt", d):
             return
-        run.config = tokenizer.config_to_dict(cfg := resized(recipe_config(run.preset, run.recipe), run))
-        if ckpt is not None and ckpt["config"] != run.config:
-            raise UserError(f"{resumed_from}: another architecture than preset {run.preset}, recipe {run.recipe}")
+        run.config = dataclasses.asdict(cfg := resized(recipe_config(run.preset, run.recipe), run))
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # TF32 on GPUs, as official
         # -- build: models (seeded alike on every rank), losses, data
         torch.manual_seed(R.seed)
@@ -552,8 +541,8 @@ def main(argv: list[str] | None = None) -> None:
                 write_atomic(out / "heldout.npz", lambda f: np.savez(f, arr_0=heldout.permute(0, 2, 3, 1).numpy()))
             print(f"{run.preset} / {R.name}: {source.description}, {d.world} x {d.device.type}, steps {start}-"
                   f"{R.max_steps}" + ("; no --lpips: no perceptual loss" * bool(R.perceptual_weight and not lpips)))
-        if start == 0 and d.is_main and heldout is not None:  # the untrained model: progress.png's first row
-            evaluate(t, heldout.float() / 255, out, 0)
+            if start == 0 and heldout is not None:  # the untrained model: progress.png's first row
+                evaluate(t, heldout.float() / 255, out, 0)
         # -- the loop
         log = open_log(out / "log.jsonl", start, d.is_main)
         began, window, last = time.perf_counter(), (time.perf_counter(), start), {}
@@ -613,20 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 # ----------------------------------------------------------------------------------------------
-# Appendix: generic helpers (train_gen.py and sample.py import them): image grid, torchrun,
+# Appendix: generic helpers (train_gen.py and sample.py import them): torchrun,
 #    LR schedule, EMA, checkpoints, logging.
-
-def image_grid(images: torch.Tensor, nrow: int, min_size: int = 128) -> torch.Tensor:
-    """(N, 3, S, S) in [0, 1] -> one (3, H, W) picture, `nrow` images per row, a 1-px white frame
-    around each; small images are upscaled (nearest) so a 32 px grid is still easy to look at."""
-    n, _, s, _ = images.shape
-    rows = math.ceil(n / nrow)
-    framed = F.pad(images.float().clamp(0, 1), (1, 1, 1, 1), value=1.0)       # (N, 3, S+2, S+2)
-    framed = torch.cat([framed, framed.new_ones(rows * nrow - n, *framed.shape[1:])])
-    grid = framed.view(rows, nrow, 3, s + 2, s + 2).permute(2, 0, 3, 1, 4).reshape(3, rows * (s + 2), nrow * (s + 2))
-    if s < min_size:
-        grid = F.interpolate(grid[None], scale_factor=min_size // s, mode="nearest")[0]
-    return grid
 
 class Dist(NamedTuple):  # where this process sits in the job (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK)
     rank: int
@@ -636,8 +613,8 @@ class Dist(NamedTuple):  # where this process sits in the job (torchrun sets RAN
 
 @contextlib.contextmanager
 def distributed(device: torch.device | None = None, timeout_hours: float = 0.5):
-    """Join the torchrun process group for a `with` block (NCCL on GPUs, gloo on CPUs; a plain `python` run is a
-    world of one). It is destroyed when the block ends, also on an error, so no rank is left waiting."""
+    """The torchrun process group for a `with` block (NCCL on GPUs, gloo on CPUs; plain `python`: a world of one),
+    destroyed when the block ends, also on an error, so no rank is left waiting."""
     rank, world, local = (int(os.environ.get(k, v)) for k, v in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     device = device or tokenizer.default_device()
     if world > 1 and device.type == "cuda":  # one GPU per process
@@ -652,8 +629,7 @@ def distributed(device: torch.device | None = None, timeout_hours: float = 0.5):
             dist.destroy_process_group()
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    dist.barrier() if dist.is_initialized() else None
 
 def sha256_of(path: str | os.PathLike) -> str:
     """A model known by content: sha256 of a file (as `sha256sum` prints it), or of a folder's files' ones."""
@@ -682,22 +658,19 @@ def make_adamw(named_params: list[tuple[str, nn.Parameter]], lr: float, betas: t
                                "weight_decay": wd} for want, wd in ((True, 0.0), (False, weight_decay))],
                              lr=lr, betas=betas, eps=1e-8)
 
-class EMA:
-    """Moving average of a model's weights (fp32 `shadow`, keyed like its state dict), evaluated and exported.
-    Its decay warms up as (1 + s) / (10 + s), s = updates - 1, capped at `decay`: forgets the init quickly."""
+class EMA:  # fp32 moving average of a model's state dict, evaluated and exported
+    """Its decay warms up as (1 + s) / (10 + s), s = updates - 1, capped at `decay`: forgets the init quickly."""
     def __init__(self, model: nn.Module, decay: float = 0.999):
         self.decay, self.step = decay, 0
         self.shadow = {k: v.detach().clone().float() if v.is_floating_point() else v.detach().clone()
                        for k, v in model.state_dict().items()}
 
     def decay_at(self, step: int) -> float:
-        s = max(0, step - 1)
-        return 0.0 if s <= 0 else min((1 + s) / (10 + s), self.decay)
+        return 0.0 if step <= 1 else min(step / (9 + step), self.decay)  # s = step - 1
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        self.step += 1
-        d = self.decay_at(self.step)
+        self.step, d = self.step + 1, self.decay_at(self.step + 1)
         for k, v in model.state_dict().items():
             if v.is_floating_point():
                 self.shadow[k].lerp_(v.float(), 1.0 - d)  # shadow = d * shadow + (1 - d) * v
@@ -760,9 +733,8 @@ def world_sum(x: torch.Tensor) -> torch.Tensor:  # over processes; a detached co
     return x
 
 def world_mean(stats: dict[str, torch.Tensor]) -> dict[str, float]:  # as rounded floats, one all-reduce
-    names = sorted(stats)
-    values = world_sum(torch.stack([stats[k].float() for k in names]))
-    values = values / dist.get_world_size() if dist.is_initialized() else values
+    names, n = sorted(stats), dist.get_world_size() if dist.is_initialized() else 1
+    values = world_sum(torch.stack([stats[k].float() for k in names])) / n
     return {k: round(v, 6) for k, v in zip(names, values.tolist())}
 
 def global_mean(x: torch.Tensor) -> torch.Tensor:
@@ -773,9 +745,8 @@ def global_mean(x: torch.Tensor) -> torch.Tensor:
     return dnn.all_reduce(x) / dist.get_world_size()
 
 def check_finite(value: torch.Tensor, what: str, step: int, last_checkpoint: Path | None) -> None:
-    """Stop all processes at the first NaN/inf, before the update; nothing is saved after. The weights
-    that gave it may be saved already (ckpt_<step>: finite, e.g. |w| = 1e30, but their loss is not): that
-    file is renamed *.pt.nonfinite, so the last good checkpoint, named, is the newest one left."""
+    """Stop all processes at the first NaN/inf, before the update. Finite weights that gave it (|w| = 1e30) may be
+    saved already: that ckpt_<step> becomes *.pt.nonfinite, so the newest checkpoint left is the last good one."""
     bad = (~torch.isfinite(value.detach())).any().float().reshape(1)
     if dist.is_initialized():
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)

@@ -35,7 +35,7 @@ def tiny_tokenizer(codebook_size: int = 1024) -> T.TiTok:
 
 
 def save_tokenizer(tok: T.TiTok, path: Path) -> Path:
-    torch.save({"kind": "tokenizer", "config": T.config_to_dict(tok.config), "model": tok.state_dict(),
+    torch.save({"kind": "tokenizer", "config": dataclasses.asdict(tok.config), "model": tok.state_dict(),
                 "ema": None}, path)
     return path
 

@@ -6,6 +6,7 @@ computed from them (README_fid_lpips.md there). Real weights: $TITOK_INCEPTION (
 default_1.pt, or the real .pth). Tests that need either skip, saying so, when it is unset.
 Bad input: test_bad_inputs.py.
 """
+import dataclasses
 import json
 import os
 import sys
@@ -360,7 +361,7 @@ def test_rfid_pipeline(net):
 
 def test_rfid_cli_saves_the_reference_statistics(tmp_path, capsys, random_weights, net):
     tok = tokenizer.TiTok(tokenizer.PRESETS["tiny"])  # random weights, 32 px
-    torch.save({"kind": "tokenizer", "config": tokenizer.config_to_dict(tok.config),
+    torch.save({"kind": "tokenizer", "config": dataclasses.asdict(tok.config),
                 "model": tok.state_dict()}, tmp_path / "tok.pt")
     write_pngs(tmp_path / "imgs", smooth_images(2, 48))  # resized + centre-cropped to 32
     argv = ["rfid", "--tokenizer", tmp_path / "tok.pt", "--images", tmp_path / "imgs", "--inception", random_weights,

@@ -1,5 +1,6 @@
 """tokenizer.py against the official reference (fixtures in $TITOK_SHARED/parity, see its README),
 the released key layouts, the API contract and the CLI. Bad input: test_bad_inputs.py."""
+import dataclasses
 import json
 import lzma
 import os
@@ -225,7 +226,7 @@ def test_two_stage_encoder_is_frozen():
 
 def test_own_checkpoint_roundtrip_is_bit_identical(tiny, tmp_path):
     path = tmp_path / "tok.pt"
-    torch.save({"kind": "tokenizer", "config": T.config_to_dict(tiny.config), "model": tiny.state_dict(),
+    torch.save({"kind": "tokenizer", "config": dataclasses.asdict(tiny.config), "model": tiny.state_dict(),
                 "ema": None}, path)
     again = T.load_tokenizer(path)
     assert again.config == tiny.config
@@ -261,7 +262,7 @@ def test_api_rejects_bad_input(tiny):
 
 def test_wrong_preset_names_the_keys_and_the_likely_preset(tiny):
     with pytest.raises(T.UserError, match="look like preset 'tiny'"):
-        T.load_official_weights(T.TiTok(T.TiTokConfig(**{**T.config_to_dict(T.PRESETS["tiny"]),
+        T.load_official_weights(T.TiTok(T.TiTokConfig(**{**dataclasses.asdict(T.PRESETS["tiny"]),
                                                          "num_latent_tokens": 16, "vqgan": {}})),
                                 tiny.state_dict())
 
@@ -276,7 +277,7 @@ def run_cli(*args):
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory, tiny):
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    torch.save({"kind": "tokenizer", "config": T.config_to_dict(tiny.config), "model": tiny.state_dict()}, path)
+    torch.save({"kind": "tokenizer", "config": dataclasses.asdict(tiny.config), "model": tiny.state_dict()}, path)
     return path
 
 

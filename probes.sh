@@ -1,0 +1,192 @@
+#!/usr/bin/env bash
+# The paper's claims in miniature: five probes on the bundled Fashion-MNIST (data/), on 2 CPU cores. Each
+# trains small tokenizers / generators with the stage scripts (same flags a researcher would use), then measures
+# them; $OUT/results.md gathers the tables, $OUT/*.png the pictures. Run it again and every step resumes or
+# skips what is done. The runs are short (a few hundred steps): the trends are the point, not the values.
+#   (a) reconstruction vs number of tokens (8/16/32/64), two tokenizer sizes  (TiTok Sec. 4.2, Fig. 4a)
+#   (b) linear probe of the tokens vs their number                            (Sec. 4.2, Fig. 4c)
+#   (c) 1-D TiTok vs the 2-D MaskGIT-VQGAN at an equal number of tokens (64)    (Sec. 4.3, Tables 1-2)
+#   (d) the generator: gFID and sampling speed vs tokens; arccos vs cosine    (Sec. 4.2 Fig. 4d, Sec. 3.4)
+#   (e) beyond the paper: nested dropout, so that any prefix of the tokens decodes (FlexTok, One-D-Piece)
+#
+#   bash probes.sh                                 # into out/probes, ~40 minutes
+#   OUT=/tmp/p SMOKE=1 bash probes.sh              # a few steps per run: checks the hand-offs (CI does this)
+set -euo pipefail
+cd "$(dirname "$0")"
+eval "$(WEIGHTS_ONLY=1 bash main.sh)"  # the Inception weights of FID (fetched once); without them: no FIDs
+
+P=${OUT:-out/probes}
+TOK_STEPS=200 GEN_STEPS=150 N_FID=100  # tokenizer and generator steps per run; images per rFID / gFID
+DATA=()                                 # data/ and its 1,000 held-out images
+mkdir -p "$P"
+if [ "${SMOKE:-0}" = 1 ]; then  # 2 steps per run, on the first 300 images (100 held out)
+  TOK_STEPS=2 GEN_STEPS=2 N_FID=10 DATA=(--data "$P/data" --eval-size 100)
+  python - "$P/data" <<'PY'
+import sys
+from pathlib import Path
+from train_tok import read_idx
+for kind in ("images-idx3", "labels-idx1"):  # idx: 0, 0, 8 (uint8), ndim, big-endian sizes, the bytes
+    a = read_idx(f"data/t10k-{kind}-ubyte.gz")[:300]
+    (out := Path(sys.argv[1]) / f"smoke-{kind}-ubyte").parent.mkdir(exist_ok=True)
+    out.write_bytes(bytes([0, 0, 8, a.ndim]) + b"".join(n.to_bytes(4, "big") for n in a.shape) + a.tobytes())
+PY
+fi
+SIZES=(--width 64 --depth 2)  # "S", beside the tiny preset's 128 wide, 4 deep ("B") for probe (a)
+
+tok() {  # tok NAME FLAGS...: a tokenizer in $P/NAME (L2 only, no GAN: the first phase of the main job's schedule)
+  local name=$1; shift
+  python train_tok.py --out "$P/$name" --resume --max-steps "$TOK_STEPS" --eval-every "$TOK_STEPS" \
+    --save-every "$TOK_STEPS" --log-every 100 --warmup-steps 20 "${DATA[@]}" "$@" | grep -v "^step" || true
+  test -f "$P/$name/tokenizer.pt" || test -f "$P/$name/vqgan.pt"
+}
+gen() {  # gen TOKENIZER NAME FLAGS...: tokens of $P/TOKENIZER, a generator on them, N_FID samples, gFID
+  local t=$1 name=$2 ckpt=$P/$1/tokenizer.pt; shift 2
+  [ -f "$ckpt" ] || ckpt=$P/$t/vqgan.pt
+  python train_gen.py --tokens "$P/$t/tokens" --tokenizer "$ckpt" --out "$P/$name" --resume \
+    --max-steps "$GEN_STEPS" --eval-every "$GEN_STEPS" --save-every "$GEN_STEPS" --log-every 100 "${DATA[@]}" "$@" \
+    | grep -v "^step\|^tokenize:" || true
+  python sample.py --ckpt "$P/$name/generator.pt" --tokenizer "$ckpt" --num-samples "$N_FID" \
+    --npz "$P/$name/samples.npz" "${SAMPLE_FLAGS[@]}"
+  if [ -f "$P/ref_stats.npz" ] && ! [ "$P/$name/fid.json" -nt "$P/$name/samples.npz" ]; then
+    python fid.py "$P/$name/samples.npz" "$P/ref_stats.npz" --json "$P/$name/fid.json" > /dev/null
+  fi
+}
+timed() {  # timed PROBE COMMAND...: its wall time (the first run that completes it) into $P/wall.json
+  local t0=$SECONDS; "${@:2}"
+  python -c "import json, sys; from pathlib import Path; p = Path(sys.argv[1]); w = json.loads(p.read_text()) \
+if p.is_file() else {}; w.setdefault(sys.argv[2], int(sys.argv[3])); p.write_text(json.dumps(w))" \
+    "$P/wall.json" "$1" $((SECONDS - t0))
+}
+measure() {  # measure WHAT ...: the evaluations below, in Python; each skips when its output is newer than its inputs
+  python - "$P" "$N_FID" "$@" <<'PY'
+import json, sys
+from pathlib import Path
+import numpy as np, torch
+import fid, tokenizer
+from train_gen import linear_probe
+
+P, n_fid, what, out, pic, names = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6:]
+out = P / out  # what WHAT writes (+ the picture PIC), from the runs NAMES in $P
+ckpt = lambda name: next(p for p in (P / name / "tokenizer.pt", P / name / "vqgan.pt") if p.is_file())
+if out.is_file() and all(out.stat().st_mtime > ckpt(n).stat().st_mtime for n in names) and what != "report":
+    sys.exit(print(f"{out} is up to date; nothing to do"))
+torch.set_grad_enabled(False)
+weights = fid.find_inception()
+net = fid.load_inception(weights) if weights and weights.is_file() else None
+
+def heldout(name):  # uint8 (1000, 3, 32, 32): train_tok's held-out split, the same in every run
+    return torch.from_numpy(np.load(P / name / "heldout.npz")["arr_0"]).permute(0, 3, 1, 2)
+
+def reconstruct(tok, x, k=None):  # uint8 reconstructions from the first k tokens (all: k=None)
+    return torch.cat([tokenizer.to_uint8(tok.decode_tokens(tok.encode(b.float() / 255)[:, :k])) for b in x.split(100)])
+
+def psnr(x, y):  # mean per-image PSNR, as fid.py rfid
+    return round(float(np.mean([tokenizer.psnr(a / 255, b / 255) for a, b in zip(x.float(), y.float())])), 2)
+
+def rfid(rec):  # the first n_fid reconstructions against the same held-out images' statistics
+    if net is None or not (P / "ref_stats.npz").is_file():
+        return None
+    ref = np.load(P / "ref_stats.npz")
+    fake = fid.feature_stats(fid.inception_features(net, rec[:n_fid])[0])
+    return round(fid.frechet_distance(ref["mu"], ref["sigma"], *fake), 2)
+
+def picture(rows, path):  # originals, then one row of 8 per entry
+    tokenizer.save_image(tokenizer.image_grid(torch.cat([r[:8] for r in rows]).float() / 255, 8), P / path)
+
+result = {}
+if what == "ref" and net is not None:  # FID statistics of the first n_fid held-out images
+    mu, sigma = fid.feature_stats(fid.inception_features(net, heldout(names[0])[:n_fid])[0])
+    np.savez(out, mu=mu, sigma=sigma, n=n_fid, resize="tf1")
+elif what == "recon":  # (a), (c): PSNR on the 1,000 held-out images, rFID, codebook usage
+    x, rows = heldout(names[0]), []
+    rows.append(x)
+    for name in names:
+        tok = tokenizer.load_tokenizer(ckpt(name))
+        rows.append(rec := reconstruct(tok, x))
+        ids = torch.cat([tok.encode(b.float() / 255) for b in x.split(100)])
+        result[name] = dict(tokens=ids.shape[1], psnr=psnr(x, rec), rfid=rfid(rec),
+                            usage=round(ids.unique().numel() / tok.config.codebook_size, 3))
+    picture(rows, pic)
+elif what == "prefix":  # (e): PSNR of the first k tokens' decoding
+    x, rows = heldout(names[0]), []
+    rows.append(x)
+    for name in names:
+        tok = tokenizer.load_tokenizer(ckpt(name))
+        ks = [k for k in (1, 2, 4, 8, 16, 24, 32) if k <= tok.config.num_latent_tokens]
+        recs = {k: reconstruct(tok, x, k) for k in ks}
+        result[name] = {k: psnr(x, r) for k, r in recs.items()}
+        rows += [recs[k] for k in (4, 8, 16, 32) if k in recs]
+    picture(rows, pic)
+elif what == "linear":  # (b): logistic regression on the tokens' codebook vectors (train_gen.py tokenize's ids)
+    for name in names:
+        tok, d = tokenizer.load_tokenizer(ckpt(name)), P / name / "tokens"
+        ids, y, held, held_y = (torch.from_numpy(np.load(d / f"{n}.npy").astype(np.int64))
+                                for n in ("tokens", "labels", "heldout_tokens", "heldout_labels"))
+        f, g = (tok.quantize.lookup(i).flatten(1) for i in (ids, held))  # (N, K * C) features
+        result[name] = dict(tokens=ids.shape[1], features=f.shape[1], accuracy=round(linear_probe(f, y, g, held_y), 4))
+elif what == "report":  # the tables of results.md, from the json files above and the generators' own
+    load = lambda f: json.loads((P / f).read_text()) if (P / f).is_file() else {}
+    a, b, c, e, wall = (load(f"{x}.json") for x in ("a", "b", "c", "e", "wall"))
+    g = {n: load(f"{n}/fid.json") | load(f"{n}/samples.json") | load(f"{n}/summary.json")
+         for n in ("G16", "G32", "G64", "GVQ64", "G32cos")}
+    v = lambda d, k: "n/a" if d.get(k) is None else round(d[k], 2) if isinstance(d[k], float) else d[k]
+    speed = lambda d: round(d["num_samples"] / d["wall_s"], 1) if d.get("wall_s") else "n/a"
+    md = [f"Tokenizers: {v(load('B32/summary.json'), 'steps')} steps each (L2 only), generators "
+          f"{v(g['G32'], 'steps')} steps; rFID / gFID on {n_fid} held-out images, PSNR on 1,000.\n",
+          "### (a) Reconstruction vs number of tokens\n", "| tokens | S (64 wide, 2+2 layers): PSNR | S: rFID | "
+          "B (tiny: 128 wide, 4+4): PSNR | B: rFID |", "|---|---|---|---|---|"]
+    md += [f"| {k} | {v(a.get(f'S{k}', {}), 'psnr')} | {v(a.get(f'S{k}', {}), 'rfid')} | "
+           f"{v(a.get(f'B{k}', {}), 'psnr')} | {v(a.get(f'B{k}', {}), 'rfid')} |" for k in (8, 16, 32, 64)]
+    md += ["", "### (b) Linear probe on the tokens (codebook vectors of B's tokens)\n",
+           "| tokens | features | held-out accuracy |", "|---|---|---|"]
+    md += [f"| {d['tokens']} | {d['features']} | {d['accuracy']:.1%} |" for d in b.values()]
+    md += ["", "### (c) 1-D vs 2-D at 64 tokens\n", "| tokenizer | PSNR | rFID | codebook usage | gFID |",
+           "|---|---|---|---|---|"]
+    md += [f"| {label} | {v(c.get(n, {}), 'psnr')} | {v(c.get(n, {}), 'rfid')} | {v(c.get(n, {}), 'usage')} | "
+           f"{v(g[gn], "fid")} |" for label, n, gn in (("TiTok (1-D, B, 64 tokens)", "B64", "G64"),
+                                                       ("MaskGIT-VQGAN (2-D, 8 x 8 grid)", "VQ64", "GVQ64"))]
+    md += ["", "### (d) The generator vs number of tokens, and the masking schedule\n",
+           "| tokens | schedule | gFID | held-out masked-token accuracy | sampling images/s (8 steps) |",
+           "|---|---|---|---|---|"]
+    md += [f"| {k} | {sched} | {v(g[n], 'fid')} | {v(g[n], 'heldout_masked_accuracy')} | {speed(g[n])} |"
+           for n, k, sched in (("G16", 16, "arccos"), ("G32", 32, "arccos"), ("G64", 64, "arccos"),
+                               ("G32cos", 32, "cosine"))]
+    md += ["", "### (e) Variable-length tokens: PSNR of the first k of 32 tokens\n",
+           "| k | B, trained as usual | B, nested dropout (p = 0.5) |", "|---|---|---|"]
+    md += [f"| {k} | {v(e.get('B32', {}), k)} | {v(e.get('B32nested', {}), k)} |" for k in e.get("B32", {})]
+    md += ["", "Wall time per probe (2 CPU cores): " + ", ".join(f"({p}) {s // 60} min {s % 60} s"
+                                                                 for p, s in wall.items()) + "."]
+    out.write_text("\n".join(md) + "\n")
+if what not in ("ref", "report"):
+    out.write_text(json.dumps(result, indent=1))
+PY
+}
+
+probe_a() {
+  for k in 8 16 32 64; do tok "S$k" --num-tokens $k "${SIZES[@]}"; tok "B$k" --num-tokens $k; done
+  measure ref ref_stats.npz - B32  # FID statistics of the held-out images, once
+  measure recon a.json a.png S8 S16 S32 S64 B8 B16 B32 B64
+}
+probe_b() {  # the training images and their flipped copies (train_gen.py's tokens) -> the 1,000 held out
+  for k in 8 16 32 64; do
+    python train_gen.py tokenize --tokenizer "$P/B$k/tokenizer.pt" --out "$P/B$k/tokens" "${DATA[@]}" | grep -v "^tokenize:" || true
+  done
+  measure linear b.json - B8 B16 B32 B64
+}
+probe_c() {
+  tok VQ64 --recipe vqgan  # TINY_VQGAN: 32 px / 4 = an 8 x 8 grid, 64 tokens
+  measure recon c.json c.png B64 VQ64
+  SAMPLE_FLAGS=(); gen B64 G64; gen VQ64 GVQ64
+}
+probe_d() {
+  SAMPLE_FLAGS=(); gen B16 G16; gen B32 G32
+  SAMPLE_FLAGS=(--mask-schedule cosine); gen B32 G32cos --mask-schedule cosine  # trained and sampled with it
+}
+probe_e() {
+  tok B32nested --num-tokens 32 --nested-dropout 0.5
+  measure prefix e.json e.png B32 B32nested
+}
+SAMPLE_FLAGS=()
+timed a probe_a; timed b probe_b; timed c probe_c; timed d probe_d; timed e probe_e
+measure report results.md -
+cat "$P/results.md"
