@@ -16,7 +16,7 @@ cd "$(dirname "$0")"
 eval "$(WEIGHTS_ONLY=1 bash main.sh)"  # the Inception weights of FID (fetched once); without them: no FIDs
 
 P=${OUT:-out/probes}
-TOK_STEPS=200 GEN_STEPS=150 N_FID=100  # tokenizer and generator steps per run; images per rFID / gFID
+TOK_STEPS=300 GEN_STEPS=150 N_FID=100  # tokenizer and generator steps per run; images per rFID / gFID
 DATA=()                                 # data/ and its 1,000 held-out images
 mkdir -p "$P"
 if [ "${SMOKE:-0}" = 1 ]; then  # 2 steps per run, on the first 300 images (100 held out)
@@ -31,7 +31,7 @@ for kind in ("images-idx3", "labels-idx1"):  # idx: 0, 0, 8 (uint8), ndim, big-e
     out.write_bytes(bytes([0, 0, 8, a.ndim]) + b"".join(n.to_bytes(4, "big") for n in a.shape) + a.tobytes())
 PY
 fi
-SIZES=(--width 64 --depth 2)  # "S", beside the tiny preset's 128 wide, 4 deep ("B") for probe (a)
+S=(--width 32 --depth 2) B=(--width 64 --depth 4)  # two sizes of the tiny preset (128 wide, 4 + 4 layers)
 
 tok() {  # tok NAME FLAGS...: a tokenizer in $P/NAME (L2 only, no GAN: the first phase of the main job's schedule)
   local name=$1; shift
@@ -65,7 +65,7 @@ import numpy as np, torch
 import fid, tokenizer
 from train_gen import linear_probe
 
-P, n_fid, what, out, pic, names = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6:]
+P, n_fid, (what, out, pic), names = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:6], sys.argv[6:]
 out = P / out  # what WHAT writes (+ the picture PIC), from the runs NAMES in $P
 ckpt = lambda name: next(p for p in (P / name / "tokenizer.pt", P / name / "vqgan.pt") if p.is_file())
 if out.is_file() and all(out.stat().st_mtime > ckpt(n).stat().st_mtime for n in names) and what != "report":
@@ -127,14 +127,14 @@ elif what == "linear":  # (b): logistic regression on the tokens' codebook vecto
 elif what == "report":  # the tables of results.md, from the json files above and the generators' own
     load = lambda f: json.loads((P / f).read_text()) if (P / f).is_file() else {}
     a, b, c, e, wall = (load(f"{x}.json") for x in ("a", "b", "c", "e", "wall"))
-    g = {n: load(f"{n}/fid.json") | load(f"{n}/samples.json") | load(f"{n}/summary.json")
+    g = {n: load(f"{n}/fid.json") | load(f"{n}/summary.json") | {"speed": load(f"{n}/samples.json")}
          for n in ("G16", "G32", "G64", "GVQ64", "G32cos")}
     v = lambda d, k: "n/a" if d.get(k) is None else round(d[k], 2) if isinstance(d[k], float) else d[k]
-    speed = lambda d: round(d["num_samples"] / d["wall_s"], 1) if d.get("wall_s") else "n/a"
+    speed = lambda d: round(d["speed"]["num_samples"] / d["speed"]["wall_s"], 1) if d["speed"] else "n/a"
     md = [f"Tokenizers: {v(load('B32/summary.json'), 'steps')} steps each (L2 only), generators "
           f"{v(g['G32'], 'steps')} steps; rFID / gFID on {n_fid} held-out images, PSNR on 1,000.\n",
-          "### (a) Reconstruction vs number of tokens\n", "| tokens | S (64 wide, 2+2 layers): PSNR | S: rFID | "
-          "B (tiny: 128 wide, 4+4): PSNR | B: rFID |", "|---|---|---|---|---|"]
+          "### (a) Reconstruction vs number of tokens\n", "| tokens | S (32 wide, 2+2 layers): PSNR | S: rFID | "
+          "B (64 wide, 4+4): PSNR | B: rFID |", "|---|---|---|---|---|"]
     md += [f"| {k} | {v(a.get(f'S{k}', {}), 'psnr')} | {v(a.get(f'S{k}', {}), 'rfid')} | "
            f"{v(a.get(f'B{k}', {}), 'psnr')} | {v(a.get(f'B{k}', {}), 'rfid')} |" for k in (8, 16, 32, 64)]
     md += ["", "### (b) Linear probe on the tokens (codebook vectors of B's tokens)\n",
@@ -143,7 +143,7 @@ elif what == "report":  # the tables of results.md, from the json files above an
     md += ["", "### (c) 1-D vs 2-D at 64 tokens\n", "| tokenizer | PSNR | rFID | codebook usage | gFID |",
            "|---|---|---|---|---|"]
     md += [f"| {label} | {v(c.get(n, {}), 'psnr')} | {v(c.get(n, {}), 'rfid')} | {v(c.get(n, {}), 'usage')} | "
-           f"{v(g[gn], "fid")} |" for label, n, gn in (("TiTok (1-D, B, 64 tokens)", "B64", "G64"),
+           f"{v(g[gn], 'fid')} |" for label, n, gn in (("TiTok (1-D, B, 64 tokens)", "B64", "G64"),
                                                        ("MaskGIT-VQGAN (2-D, 8 x 8 grid)", "VQ64", "GVQ64"))]
     md += ["", "### (d) The generator vs number of tokens, and the masking schedule\n",
            "| tokens | schedule | gFID | held-out masked-token accuracy | sampling images/s (8 steps) |",
@@ -163,30 +163,31 @@ PY
 }
 
 probe_a() {
-  for k in 8 16 32 64; do tok "S$k" --num-tokens $k "${SIZES[@]}"; tok "B$k" --num-tokens $k; done
+  for k in 8 16 32 64; do tok "S$k" --num-tokens $k "${S[@]}"; tok "B$k" --num-tokens $k "${B[@]}"; done
   measure ref ref_stats.npz - B32  # FID statistics of the held-out images, once
   measure recon a.json a.png S8 S16 S32 S64 B8 B16 B32 B64
 }
 probe_b() {  # the training images and their flipped copies (train_gen.py's tokens) -> the 1,000 held out
   for k in 8 16 32 64; do
-    python train_gen.py tokenize --tokenizer "$P/B$k/tokenizer.pt" --out "$P/B$k/tokens" "${DATA[@]}" | grep -v "^tokenize:" || true
+    python train_gen.py tokenize --tokenizer "$P/B$k/tokenizer.pt" --out "$P/B$k/tokens" "${DATA[@]}" \
+      | grep -v "^tokenize:" || true
   done
   measure linear b.json - B8 B16 B32 B64
 }
-probe_c() {
+probe_c() {  # (after d, which trains G64)
   tok VQ64 --recipe vqgan  # TINY_VQGAN: 32 px / 4 = an 8 x 8 grid, 64 tokens
   measure recon c.json c.png B64 VQ64
-  SAMPLE_FLAGS=(); gen B64 G64; gen VQ64 GVQ64
+  SAMPLE_FLAGS=(); gen VQ64 GVQ64
 }
 probe_d() {
-  SAMPLE_FLAGS=(); gen B16 G16; gen B32 G32
+  SAMPLE_FLAGS=(); gen B16 G16; gen B32 G32; gen B64 G64
   SAMPLE_FLAGS=(--mask-schedule cosine); gen B32 G32cos --mask-schedule cosine  # trained and sampled with it
 }
 probe_e() {
-  tok B32nested --num-tokens 32 --nested-dropout 0.5
+  tok B32nested --num-tokens 32 --nested-dropout 0.5 "${B[@]}"
   measure prefix e.json e.png B32 B32nested
 }
 SAMPLE_FLAGS=()
-timed a probe_a; timed b probe_b; timed c probe_c; timed d probe_d; timed e probe_e
+timed a probe_a; timed b probe_b; timed d probe_d; timed c probe_c; timed e probe_e
 measure report results.md -
 cat "$P/results.md"

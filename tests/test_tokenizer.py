@@ -236,6 +236,22 @@ def test_own_checkpoint_roundtrip_is_bit_identical(tiny, tmp_path):
     assert torch.equal(tiny.decode_tokens(tiny.encode(x)), again.decode_tokens(again.encode(x)))
 
 
+def test_a_vqgan_export_opens_as_a_2d_tokenizer(tmp_path):
+    """train_tok --recipe vqgan's export behind TiTok's interface: K = the 8 x 8 code cells of a 32 px image."""
+    small = T.VQGANConfig(hidden_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, z_channels=64)
+    torch.manual_seed(0)
+    vq = T.MaskGITVQGAN(small).eval()
+    cfg = dataclasses.replace(T.PRESETS["tiny"], vqgan=small)
+    torch.save({"kind": "vqgan", "config": dataclasses.asdict(cfg), "model": vq.state_dict(), "ema": None},
+               tmp_path / "vqgan.pt")
+    tok = T.load_tokenizer(tmp_path / "vqgan.pt")
+    assert (tok.config.num_latent_tokens, tok.config.codebook_size, tok.config.image_size) == (64, 1024, 32)
+    x = torch.rand(2, 3, 32, 32)
+    ids = tok.encode(x)
+    assert ids.shape == (2, 64) and torch.equal(ids, vq.encode(x))
+    assert torch.allclose(tok.decode_tokens(ids), vq.decode_codes(ids))
+
+
 def test_safetensors_reader_roundtrip(tmp_path):
     # write a file by hand in the documented layout and read it back
     import struct
