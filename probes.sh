@@ -155,7 +155,7 @@ elif what == "report":  # the tables of results.md, from the json files above an
            "| k | B, trained as usual | B, nested dropout (p = 0.5) |", "|---|---|---|"]
     md += [f"| {k} | {v(e.get('B32', {}), k)} | {v(e.get('B32nested', {}), k)} |" for k in e.get("B32", {})]
     md += ["", "Wall time per probe (2 CPU cores): " + ", ".join(f"({p}) {s // 60} min {s % 60} s"
-                                                                 for p, s in wall.items()) + "."]
+                                                                 for p, s in sorted(wall.items())) + "."]
     out.write_text("\n".join(md) + "\n")
 if what not in ("ref", "report"):
     out.write_text(json.dumps(result, indent=1))
