@@ -77,43 +77,44 @@ net = fid.load_inception(weights) if weights and weights.is_file() else None
 def heldout(name):  # uint8 (1000, 3, 32, 32): train_tok's held-out split, the same in every run
     return torch.from_numpy(np.load(P / name / "heldout.npz")["arr_0"]).permute(0, 3, 1, 2)
 
-def reconstruct(tok, x, k=None):  # uint8 reconstructions from the first k tokens (all: k=None)
-    return torch.cat([tokenizer.to_uint8(tok.decode_tokens(tok.encode(b.float() / 255)[:, :k])) for b in x.split(100)])
+def encode(tok, x):  # uint8 images -> (N, K) ids, in batches of 100
+    return torch.cat([tok.encode(b.float() / 255) for b in x.split(100)])
+
+def reconstruct(tok, ids, k=None):  # uint8 reconstructions from the first k tokens (all: k=None)
+    return torch.cat([tokenizer.to_uint8(tok.decode_tokens(i[:, :k])) for i in ids.split(100)])
 
 def psnr(x, y):  # mean per-image PSNR, as fid.py rfid
     return round(float(np.mean([tokenizer.psnr(a / 255, b / 255) for a, b in zip(x.float(), y.float())])), 2)
 
 def rfid(rec):  # the first n_fid reconstructions against the same held-out images' statistics
-    if net is None or not (P / "ref_stats.npz").is_file():
+    if net is None or ref is None:
         return None
-    ref = np.load(P / "ref_stats.npz")
     fake = fid.feature_stats(fid.inception_features(net, rec[:n_fid])[0])
     return round(fid.frechet_distance(ref["mu"], ref["sigma"], *fake), 2)
 
 def picture(rows, path):  # originals, then one row of 8 per entry
     tokenizer.save_image(tokenizer.image_grid(torch.cat([r[:8] for r in rows]).float() / 255, 8), P / path)
 
-result = {}
+result, ref = {}, (np.load(P / "ref_stats.npz") if (P / "ref_stats.npz").is_file() else None)
 if what == "ref" and net is not None:  # FID statistics of the first n_fid held-out images
     mu, sigma = fid.feature_stats(fid.inception_features(net, heldout(names[0])[:n_fid])[0])
     np.savez(out, mu=mu, sigma=sigma, n=n_fid, resize="tf1")
 elif what == "recon":  # (a), (c): PSNR on the 1,000 held-out images, rFID, codebook usage
-    x, rows = heldout(names[0]), []
-    rows.append(x)
+    x = heldout(names[0])
+    rows = [x]
     for name in names:
         tok = tokenizer.load_tokenizer(ckpt(name))
-        rows.append(rec := reconstruct(tok, x))
-        ids = torch.cat([tok.encode(b.float() / 255) for b in x.split(100)])
+        rows.append(rec := reconstruct(tok, ids := encode(tok, x)))
         result[name] = dict(tokens=ids.shape[1], psnr=psnr(x, rec), rfid=rfid(rec),
                             usage=round(ids.unique().numel() / tok.config.codebook_size, 3))
     picture(rows, pic)
 elif what == "prefix":  # (e): PSNR of the first k tokens' decoding
-    x, rows = heldout(names[0]), []
-    rows.append(x)
+    x = heldout(names[0])
+    rows = [x]
     for name in names:
         tok = tokenizer.load_tokenizer(ckpt(name))
-        ks = [k for k in (1, 2, 4, 8, 16, 24, 32) if k <= tok.config.num_latent_tokens]
-        recs = {k: reconstruct(tok, x, k) for k in ks}
+        ids = encode(tok, x)  # (1000, K), decoded from its first k tokens for each k
+        recs = {k: reconstruct(tok, ids, k) for k in (1, 2, 4, 8, 16, 24, 32) if k <= ids.shape[1]}
         result[name] = {k: psnr(x, r) for k, r in recs.items()}
         rows += [recs[k] for k in (4, 8, 16, 32) if k in recs]
     picture(rows, pic)

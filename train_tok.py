@@ -629,7 +629,8 @@ def distributed(device: torch.device | None = None, timeout_hours: float = 0.5):
             dist.destroy_process_group()
 
 def barrier() -> None:
-    dist.barrier() if dist.is_initialized() else None
+    if dist.is_initialized():
+        dist.barrier()
 
 def sha256_of(path: str | os.PathLike) -> str:
     """A model known by content: sha256 of a file (as `sha256sum` prints it), or of a folder's files' ones."""
