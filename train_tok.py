@@ -462,7 +462,7 @@ def resolve(parser: argparse.ArgumentParser, argv: list[str], ckpt: dict | None,
     the new flags on top (e.g. a longer --max-steps); what decides its data and model must not change."""
     if ckpt is not None:
         (a0, r0), (a, r) = resolve(parser, ckpt["argv"], None, base), resolve(parser, ckpt["argv"] + argv, None, base)
-        for k in ("preset", "recipe", "data", "tokens", "eval_size", "seed", "dropout", *SIZE_FLAGS):
+        for k in ("preset", "recipe", "data", "tokens", "eval_size", "seed", "dropout", "disc_channels", *SIZE_FLAGS):
             old, new = ({**vars(x), **dataclasses.asdict(y)}.get(k) for x, y in ((a0, r0), (a, r)))
             if old != new:
                 raise UserError(f"--resume: {a.out} was trained with --{k.replace('_', '-')} {old}, not {new} "

@@ -269,6 +269,8 @@ def test_size_flags_round_trip_through_the_checkpoint(tmp_path):
         2, 3, 32, 32)
     with pytest.raises(SystemExit, match="was trained with --width"):  # a resumed run keeps its architecture
         main("--out", tmp_path, "--max-steps", 2, "--resume", "--width", 128)
+    with pytest.raises(SystemExit, match="was trained with --disc-channels 32, not 64"):  # ...and its discriminator's
+        main("--out", tmp_path, "--max-steps", 2, "--resume", "--disc-channels", 64)
 
 
 def test_nested_dropout_masks_a_tail_in_training():
