@@ -47,7 +47,7 @@ fi
 [ -n "${TITOK_LPIPS_CKPT:-}" ] || echo "NOTE: no LPIPS weights (set TITOK_LPIPS_CKPT): no perceptual loss" >&2
 
 mkdir -p "$OUT"
-echo "$MODE" > "$OUT/main_mode"
+echo "$MODE" > "$OUT/main_mode"  # what the check above reads on the next run
 
 python train_tok.py --out "$OUT/tok" --resume ${TITOK_LPIPS_CKPT:+--lpips "$TITOK_LPIPS_CKPT"} "${TOK_FLAGS[@]}"
 python train_gen.py --out "$OUT/gen" --tokens "$OUT/tokens" --tokenizer "$OUT/tok/tokenizer.pt" --resume "${GEN_FLAGS[@]}"
