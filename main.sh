@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The main job, one command: the bundled Fashion-MNIST data (data/) -> tiny tokenizer -> tokens ->
-# tiny generator -> a grid of all 10 classes and 1,000 samples -> rFID and gFID against the 1,000
-# held-out images, on 2 CPU cores. Every stage is its own script and writes its own summary JSON;
+# The main job, one command: the bundled Fashion-MNIST data (data/) -> tiny tokenizer (a VQGAN, then TiTok's
+# two stages) -> tokens -> tiny generator -> a grid of all 10 classes and 1,000 samples -> rFID and gFID against
+# the 1,000 held-out images, on 2 CPU cores. Every stage is its own script and writes its own summary JSON;
 # this file only chains them and gathers the numbers into $OUT/results.json and $OUT/results.md.
 # Run it again and each stage resumes, or skips what is already done.
 #
@@ -49,7 +49,12 @@ fi
 mkdir -p "$OUT"
 echo "$MODE" > "$OUT/main_mode"  # what the check above reads on the next run
 
-python train_tok.py --out "$OUT/tok" --resume ${TITOK_LPIPS_CKPT:+--lpips "$TITOK_LPIPS_CKPT"} "${TOK_FLAGS[@]}"
+# The tokenizer in the paper's two stages (Sec. 3.3): a small MaskGIT-VQGAN whose codes are the "proxy codes",
+# TiTok learning to predict them (stage 1), then its decoder + the VQGAN's decoder fine-tuned on pixels (stage 2).
+python train_tok.py --recipe vqgan --out "$OUT/vqgan" --resume "${TOK_FLAGS[@]}"
+python train_tok.py --recipe stage1 --vqgan "$OUT/vqgan/vqgan.pt" --out "$OUT/stage1" --resume "${TOK_FLAGS[@]}"
+python train_tok.py --recipe stage2 --init "$OUT/stage1/tokenizer.pt" --vqgan "$OUT/vqgan/vqgan.pt" --out "$OUT/tok" \
+  --resume ${TITOK_LPIPS_CKPT:+--lpips "$TITOK_LPIPS_CKPT"} "${TOK_FLAGS[@]}"
 python train_gen.py --out "$OUT/gen" --tokens "$OUT/tokens" --tokenizer "$OUT/tok/tokenizer.pt" --resume "${GEN_FLAGS[@]}"
 SAMPLE=(python sample.py --ckpt "$OUT/gen/generator.pt" --tokenizer "$OUT/tok/tokenizer.pt")
 "${SAMPLE[@]}" --classes 0 1 2 3 4 5 6 7 8 9 --per-class 10 --out "$OUT/samples.png"
@@ -75,17 +80,20 @@ fi
 # run also puts its table into README.md and its pictures into docs/: what the README shows is this run.
 python - "$OUT" "$MODE" <<'PY'
 import json, shutil, sys
+from PIL import Image
 from pathlib import Path
 out, mode = Path(sys.argv[1]), sys.argv[2]
 def load(name):
     p = out / name
     return json.loads(p.read_text()) if p.is_file() else {}
-r = {"train_tok": load("tok/summary.json"), "train_gen": load("gen/summary.json"), "sample": load("samples.json"),
+r = {"vqgan": load("vqgan/summary.json"), "stage1": load("stage1/summary.json"), "train_tok": load("tok/summary.json"),
+     "train_gen": load("gen/summary.json"), "sample": load("samples.json"),
      "rfid": load("rfid.json"), "fid": load("fid.json")}
 if (out / "fid_skipped").is_file():
     r["fid"] = {"skipped": (out / "fid_skipped").read_text().strip()}
 (out / "results.json").write_text(json.dumps(r, indent=1) + "\n")
 tok, gen, smp, rf, gf = r["train_tok"], r["train_gen"], r["sample"], r["rfid"], r["fid"]
+toks = [r[k] for k in ("vqgan", "stage1", "train_tok")]  # the tokenizer's three runs
 num = lambda x, fmt, unit="": "n/a" if x is None else format(x, fmt) + unit
 rows = [
     (f"rFID ({rf.get('n', '?')} held-out images vs their reconstructions)", num(rf.get("rfid"), ".2f")),
@@ -94,13 +102,14 @@ rows = [
     ("codebook usage on held-out images", num(rf.get("codebook_usage", tok.get("heldout_codebook_usage")), ".1%")),
     ("tokenizer perceptual loss (LPIPS)", {True: "on", False: "off"}.get(tok.get("perceptual_loss"), "n/a")),
     ("held-out masked-token accuracy (generator)", num(gen.get("heldout_masked_accuracy"), ".3f")),
-    (f"wall time: train_tok.py ({tok.get('steps', '?')} steps)", num(tok.get("wall_s"), ".0f", " s")),
+    ("wall time: train_tok.py (VQGAN + stage 1 + stage 2: " + " + ".join(str(x.get("steps", "?")) for x in toks)
+     + " steps)", num(sum(x.get("wall_s") or 0 for x in toks) or None, ".0f", " s")),
     ("wall time: train_gen.py tokenize", num(gen.get("tokenize_wall_s"), ".0f", " s")),
     (f"wall time: train_gen.py ({gen.get('steps', '?')} steps)", num(gen.get("wall_s"), ".0f", " s")),
     (f"wall time: sample.py ({smp.get('num_samples', '?')} samples)", num(smp.get("wall_s"), ".0f", " s")),
     ("wall time: fid.py rfid + fid", num((rf.get("wall_s") or 0) + (gf.get("wall_s") or 0) or None, ".0f", " s")),
 ]
-rows.append(("wall time: the stages together", num(sum(x.get("wall_s") or 0 for x in (tok, smp, rf, gf)) + sum(
+rows.append(("wall time: the stages together", num(sum(x.get("wall_s") or 0 for x in (*toks, smp, rf, gf)) + sum(
     gen.get(k) or 0 for k in ("wall_s", "tokenize_wall_s")), ".0f", " s")))
 table = "| result | value |\n|---|---|\n" + "".join(f"| {a} | {b} |\n" for a, b in rows)
 table += f"\nFID: {gf['skipped']}\n" if "skipped" in gf else ""
@@ -110,9 +119,15 @@ if mode == "full":
     text = readme.read_text()
     readme.write_text(text[:text.index(a) + len(a)] + table + text[text.index(b):])
     grids = sorted((out / "tok").glob("grid_*.png"))
-    for src, name in ((grids[-1] if grids else None, "reconstructions"), (out / "tok/progress.png", "progress"),
-                      (out / "samples.png", "samples")):
+    for src, name in ((grids[-1] if grids else None, "reconstructions"), (out / "samples.png", "samples")):
         if src and src.is_file():
             shutil.copyfile(src, f"docs/main_{name}.png")
+    if all((out / d / "progress.png").is_file() for d in ("stage1", "tok")):  # stage 1's rows, then stage 2's
+        a, b = (Image.open(out / d / "progress.png") for d in ("stage1", "tok"))
+        h = b.width // 8                                      # one row: 8 square images (b's first: the originals)
+        both = Image.new("RGB", (a.width, a.height + b.height - h))
+        both.paste(a)
+        both.paste(b.crop((0, h, b.width, b.height)), (0, a.height))
+        both.save("docs/main_progress.png")
 print(table)
 PY

@@ -86,11 +86,19 @@ RECIPES: dict[str, Recipe] = {
     "single": Recipe("single"),  # TA-TiTok's configs: perceptual x 1.1, GAN x 0.1 from 200k
     "vqgan": Recipe("vqgan"),    # MaskGIT-VQGAN's recipe was not released: the single-stage values
 }
-# The tiny preset on 2 CPU cores (before the flags), lr 1e-3 (1e-4 suits 300M parameters), dead codes restarted
-# every 50 steps; L2 alone until its curve flattens, then LPIPS, then the GAN (README, "What the main job measured").
-TINY_CPU = dict(batch_size=16, max_steps=1_440, warmup_steps=100, lr=1e-3, end_lr=1e-4, perceptual_weight=0.1,
-                perceptual_start=1_200, disc_start=1_300, disc_channels=32, log_every=20, eval_every=360,
-                save_every=360, dead_code_restart=True, dead_code_every=50)
+# The tiny preset on 2 CPU cores (before the flags): a schedule per recipe, lr 1e-3 (1e-4 suits 300M parameters),
+# dead codes restarted every 50 steps. main.sh runs vqgan -> stage1 -> stage2: an L2-only VQGAN gives the proxy
+# codes, and stage 2 adds LPIPS at once and the GAN once its L2 has flattened (README, "What the main job measured").
+_TINY = dict(batch_size=16, warmup_steps=100, lr=1e-3, end_lr=1e-4, disc_channels=32, log_every=20,
+             dead_code_restart=True, dead_code_every=50)
+TINY_CPU: dict[str, dict] = {
+    "vqgan": dict(_TINY, max_steps=600, perceptual_weight=0, disc_weight=0, eval_every=150, save_every=300),
+    "stage1": dict(_TINY, max_steps=1_600, eval_every=400, save_every=400),
+    "stage2": dict(_TINY, max_steps=600, warmup_steps=50, perceptual_start=0, disc_start=400, eval_every=150,
+                   save_every=300),
+    "single": dict(_TINY, max_steps=1_440, perceptual_weight=0.1, perceptual_start=1_200, disc_start=1_300,
+                   eval_every=360, save_every=360),
+}
 EVAL_SIZE = 1_000  # held-out images (the same split in train_gen.py): the reference of rFID and gFID
 
 # ----------------------------------------------------------------------------------------------
@@ -392,6 +400,9 @@ def train_step(t: Trainer, images: torch.Tensor, step: int) -> dict[str, torch.T
 def restart_dead_codes(t: Trainer, images: torch.Tensor, step: int) -> int:
     """Against codebook collapse (Jukebox, Dhariwal et al. 2020): codes unused since the last restart become
     encoder outputs of this batch; their Adam moments and EMA copies are reset. Returns how many."""
+    weight = t.tok.quantize.embedding.weight
+    if not weight.requires_grad:  # stage 2: the token space is frozen (Sec. 3.3), its codes never move
+        return 0
     dead = (world_sum(t.usage) == 0).nonzero().flatten()
     t.usage.zero_()
     if dead.numel() == 0:
@@ -402,7 +413,6 @@ def restart_dead_codes(t: Trainer, images: torch.Tensor, step: int) -> int:
     new = z[pick.to(z.device)].contiguous()                                      # seeded: same on resume
     if dist.is_initialized():
         dist.broadcast(new, src=0)  # every rank installs rank 0's choice
-    weight = t.tok.quantize.embedding.weight
     weight[dead] = new.to(weight.dtype)
     for moment in ("exp_avg", "exp_avg_sq") if weight in t.opt.state else ():
         t.opt.state[weight][moment][dead] = 0
@@ -509,7 +519,7 @@ def main(argv: list[str] | None = None) -> None:
         # -- set-up: settings (flags over the recipe; a resumed run's first flags first), export path
         resumed_from, ckpt = resume_from(out := Path(args.out), args.resume, ("tokenizer", "vqgan"), d)
         run, R = resolve(parser, argv, ckpt, lambda run: dataclasses.replace(
-            RECIPES[run.recipe], **(TINY_CPU if run.preset == "tiny" else {})))
+            RECIPES[run.recipe], **(TINY_CPU[run.recipe] if run.preset == "tiny" else {})))
         run.kind = "vqgan" if run.recipe == "vqgan" else "tokenizer"
         if run_is_finished(ckpt, R.max_steps, export := out / f"{run.kind}.pt", d):
             return
@@ -583,7 +593,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineErrorParser(description="Train a TiTok tokenizer with the official recipes (torchrun: DDP).",
-                           epilog=f"recipes: RECIPES in train_tok.py; --preset tiny changes the schedule: {TINY_CPU}")
+                           epilog="recipes: RECIPES in train_tok.py; --preset tiny replaces their schedules with TINY_CPU's ("
+                           + ", ".join(f"{k}: {v['max_steps']} steps" for k, v in TINY_CPU.items()) + ")")
     p.add_argument("--preset", choices=list(PRESETS), default="tiny", help="architecture (default: tiny)")
     p.add_argument("--recipe", choices=list(RECIPES), default="single", help="(default: single)")
     p.add_argument("--data", default=str(HERE / "data"), help="image folder (ImageNet layout) or idx(.gz) files")

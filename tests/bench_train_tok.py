@@ -2,7 +2,7 @@
 Images/s of one optimiser step of every recipe (the GAN on from step 0, so its cost is included), fp32
 and bf16 autocast side by side, on random images with random weights (LPIPS too, unless --lpips:
 speed does not depend on the values; the MaskGIT-VQGAN of stage 1/2 is random here). `--main-job`: instead,
-the step of main.sh's tokenizer (tiny, TINY_CPU) one loss term at a time, and its most expensive operators."""
+the steps of main.sh's tokenizer (vqgan, stage1, stage2 at TINY_CPU) and stage 2's costliest operators."""
 import dataclasses
 import sys
 import tempfile
@@ -53,21 +53,29 @@ def main() -> None:
 
 
 def profile_main_job(args, d: TT.Dist) -> None:
-    """The tiny `single` step as TINY_CPU trains it (its batch, its discriminator width), loss term by term."""
-    lpips = TT.load_lpips(args.lpips) if args.lpips else TT.LPIPS()
-    R0 = dataclasses.replace(TT.RECIPES["single"], **{**TT.TINY_CPU, "perceptual_start": 0, "disc_start": 0,
-                                                      "warmup_steps": 0})
-    print(f"batch {R0.batch_size}, {torch.get_num_threads()} threads\n| loss terms | img/s | ms/step |\n|---|---|---|")
-    for name, kw in (("L2 + quantizer", dict(perceptual_weight=0, disc_weight=0)), ("+ LPIPS", dict(disc_weight=0)),
-                     (f"+ LPIPS + GAN ({R0.disc_channels} ch)", {})):
-        R = dataclasses.replace(R0, **kw)
-        torch.manual_seed(0)
-        tok, _ = TT.build_models(TT.recipe_config("tiny", "single"), "single", "tiny", None, None, resuming=False)
-        t = TT.Trainer(R, d, tok, None, lpips if R.perceptual_weight else None)
-        x = torch.rand(R.batch_size, 3, 32, 32, device=d.device)
-        s = timeit(lambda: TT.train_step(t, x, 1), args.repeats)
-        print(f"| {name} | {R.batch_size / s:.3g} | {1000 * s:.0f} |", flush=True)
-    with torch.profiler.profile() as prof:  # the last (all terms)
+    """main.sh's tokenizer, its three runs as TINY_CPU trains them (batch, discriminator width): vqgan, stage1,
+    stage2 with its loss terms one at a time (GAN on from step 0); then the most expensive operators of stage 2."""
+    lpips, dtypes = TT.load_lpips(args.lpips) if args.lpips else TT.LPIPS(), bench_dtypes(args)
+    print(f"{torch.get_num_threads()} threads\n| run | loss terms | " + " | ".join(f"{dt} img/s" for dt in dtypes)
+          + " |\n|---|---|" + "---|" * len(dtypes))
+    with tempfile.TemporaryDirectory() as tmp:
+        vqgan = Path(tmp) / "vqgan.pt"
+        torch.save(T.MaskGITVQGAN(TT.TINY_VQGAN).state_dict(), vqgan)
+        for recipe, name, kw in (("vqgan", "L2 + quantizer", {}), ("stage1", "proxy-code cross-entropy", {}),
+                                 ("stage2", "L2", dict(perceptual_weight=0, disc_weight=0)),
+                                 ("stage2", "+ LPIPS", dict(disc_weight=0)), ("stage2", "+ LPIPS + GAN", {})):
+            R = dataclasses.replace(TT.RECIPES[recipe], **{**TT.TINY_CPU[recipe], "perceptual_start": 0,
+                                                           "disc_start": 0, "warmup_steps": 0, **kw})
+            speed = []
+            for dtype in dtypes:
+                torch.manual_seed(0)
+                tok, teacher = TT.build_models(TT.recipe_config("tiny", recipe), recipe, "tiny", None, str(vqgan),
+                                               False)
+                t = TT.Trainer(R, d, tok, teacher, lpips if R.perceptual_weight else None, dtype)
+                x = torch.rand(R.batch_size, 3, 32, 32, device=d.device)
+                speed.append(R.batch_size / timeit(lambda: TT.train_step(t, x, 1), args.repeats))
+            print(f"| {recipe} | {name} | " + " | ".join(f"{v:.3g}" for v in speed) + " |", flush=True)
+    with torch.profiler.profile() as prof:  # the last (stage 2, all terms, the last dtype)
         TT.train_step(t, x, 2)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
 

@@ -306,6 +306,16 @@ def test_dead_code_restart_reinitialises_only_unused_codes():
     assert t.usage.sum() == 0
 
 
+def test_stage2_never_restarts_its_frozen_codebook(tmp_path):
+    t = tiny_trainer("stage2", vqgan=random_vqgan(tmp_path / "vq.pt"), disc_weight=0.0, dead_code_restart=True)
+    x = real_images(4)
+    TT.train_step(t, x, 0)
+    weight = t.tok.quantize.embedding.weight
+    old = weight.detach().clone()
+    assert (t.usage == 0).any() and not weight.requires_grad
+    assert TT.restart_dead_codes(t, x, step=1) == 0 and torch.equal(weight, old)
+
+
 def test_kill_9_and_resume_continue_exactly(tmp_path):
     """An uninterrupted run of 6 steps vs. one killed with SIGKILL after its step-3 checkpoint: the
     resumed run logs the same losses and ends with the same weights, EMA, optimisers and LeCam."""
@@ -392,10 +402,15 @@ def test_vqgan_teaches_stage1_whose_export_starts_stage2(tmp_path):
 
 def test_defaults_are_the_tiny_cpu_run():
     run, R = TT.resolve(TT.build_parser(), [], None,
-                        lambda run: TT.dataclasses.replace(TT.RECIPES[run.recipe], **TT.TINY_CPU))
+                        lambda run: TT.dataclasses.replace(TT.RECIPES[run.recipe], **TT.TINY_CPU[run.recipe]))
     assert (run.preset, run.recipe, Path(run.data)) == ("tiny", "single", ROOT / "data")
     assert R.dead_code_restart and R.dead_code_every == 50 and R.max_steps == 1_440 and R.disc_weight > 0
     assert 0 < R.perceptual_start < R.disc_start < R.max_steps and R.max_steps % R.eval_every == 0
+    tiny = {r: TT.dataclasses.replace(TT.RECIPES[r], **TT.TINY_CPU[r]) for r in TT.RECIPES}
+    assert tiny["vqgan"].perceptual_weight == tiny["vqgan"].disc_weight == 0         # main.sh's three runs
+    assert tiny["stage1"].disc_weight == 0 and tiny["stage1"].beta2 == 0.99
+    s2 = tiny["stage2"]
+    assert s2.perceptual_start == 0 < s2.disc_start < s2.max_steps and s2.quantizer_weight == 0 < s2.disc_weight
     args = ["--preset", "titok_s128", "--recipe", "stage2", "--lr", "3e-4"]
     run, R = TT.resolve(TT.build_parser(), args, None, lambda run: TT.RECIPES[run.recipe])
     assert (R.lr, R.warmup_steps, R.max_steps, R.perceptual_weight, R.disc_weight, R.disc_start, R.beta2,
