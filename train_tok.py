@@ -521,6 +521,11 @@ def main(argv: list[str] | None = None) -> None:
         run, R = resolve(parser, argv, ckpt, lambda run: dataclasses.replace(
             RECIPES[run.recipe], **(TINY_CPU[run.recipe] if run.preset == "tiny" else {})))
         run.kind = "vqgan" if run.recipe == "vqgan" else "tokenizer"
+        sources = {k: sha256_of(v) for k in ("init", "vqgan") if (v := getattr(run, k)) and Path(v).exists()}
+        for k, sha in sources.items() if ckpt is not None else ():  # e.g. stage 1 retrained under a finished stage 2
+            if ckpt.get("sources", {}).get(k, sha) != sha:
+                raise UserError(f"--resume: {out} was trained from another --{k} {getattr(run, k)} (its bytes "
+                                "differ); use another --out, or delete it to train from the new one")
         if run_is_finished(ckpt, R.max_steps, export := out / f"{run.kind}.pt", d):
             return
         run.config = dataclasses.asdict(cfg := resized(recipe_config(run.preset, run.recipe), run))
@@ -573,7 +578,7 @@ def main(argv: list[str] | None = None) -> None:
                 window = (time.perf_counter(), done)
             if done % R.save_every == 0 or done == R.max_steps:
                 state = checkpoint(parts, d, kind=run.kind, preset=run.preset, config=run.config, step=done,
-                                   argv=first_argv, position=position, lecam=t.lecam, usage=t.usage,
+                                   argv=first_argv, sources=sources, position=position, lecam=t.lecam, usage=t.usage,
                                    elapsed_s=elapsed + time.perf_counter() - began)
                 t.last_checkpoint = save_step_checkpoint(out, done, state, R.keep, d)
         # -- save: the export (loaders prefer its EMA weights) and the run's summary

@@ -434,6 +434,22 @@ def test_resume_refuses_changed_settings(cli, flag, value, old, trained, files, 
     assert snapshot(out) == before
 
 
+def test_resume_refuses_a_changed_teacher(tmp_path):
+    """main.sh resumes every stage: a finished stage 1 whose VQGAN was retrained since said "nothing to do" and kept
+    the codes of the old teacher (two models mixed). Refused, in one line naming --vqgan."""
+    vq = tmp_path / "vqgan.pt"
+    args = ["--recipe", "stage1", "--vqgan", vq, "--out", tmp_path / "s1", "--max-steps", 1, "--resume",
+            "--batch-size", 2, "--eval-size", 0]
+    for seed in (0, 1):  # the teacher, then another one at the same path
+        torch.manual_seed(seed)
+        torch.save(T.MaskGITVQGAN(train_tok.TINY_VQGAN).state_dict(), vq)
+        if seed == 0:
+            assert run("train_tok", *args).code == 0
+            before = snapshot(tmp_path / "s1")
+    one_line_error(run("train_tok", *args), "--vqgan", "differ")
+    assert snapshot(tmp_path / "s1") == before
+
+
 @pytest.mark.parametrize("cli", ["train_tok", "train_gen"])
 def test_a_finished_run_is_not_overwritten_without_resume(cli, trained, files, tmp_path):
     out = copy_run(trained, cli, tmp_path)
