@@ -638,9 +638,15 @@ def distributed(device: torch.device | None = None, timeout_hours: float = 0.5):
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
                                 timeout=timedelta(hours=timeout_hours))
+    # A CPU run repeats to the last digit: by default the codebook's gradient (embedding backward, a sum over the
+    # tokens that chose each code) adds across threads in a varying order, and the nearest-code choice amplifies
+    # that (three main.sh runs spanned rFID 64.6-72.8). GPUs keep their fast kernels.
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(was or device.type == "cpu")
     try:
         yield Dist(rank, world, device)
     finally:
+        torch.use_deterministic_algorithms(was)
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -316,6 +316,14 @@ def test_stage2_never_restarts_its_frozen_codebook(tmp_path):
     assert TT.restart_dead_codes(t, x, step=1) == 0 and torch.equal(weight, old)
 
 
+def test_two_cpu_runs_give_the_same_weights(tmp_path):
+    """The codebook's gradient once summed across threads in a varying order: two CPU runs drifted apart."""
+    for name in "ab":
+        main("--recipe", "vqgan", "--out", tmp_path / name, "--max-steps", 3, "--batch-size", 16, "--eval-size", 0)
+    a, b = (torch.load(tmp_path / n / "vqgan.pt", weights_only=True)["model"] for n in "ab")
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
 def test_kill_9_and_resume_continue_exactly(tmp_path):
     """An uninterrupted run of 6 steps vs. one killed with SIGKILL after its step-3 checkpoint: the
     resumed run logs the same losses and ends with the same weights, EMA, optimisers and LeCam."""
