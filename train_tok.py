@@ -17,8 +17,7 @@ downsampling (Zhang, 2019), hinge loss (Lim & Ye, 2017) and LeCam (Tseng et al.,
 Read first `Recipe`, `generator_loss` and `train_step` (Sec. 3.3 in code), then `main()`. Sections: 1 recipes,
 2 losses, 3 data, 4 models, 5 the step, 6 exact resume, 7 main(), 8 CLI; appendix: torchrun, LR, EMA, files.
 
-    python train_tok.py                                  # tiny tokenizer on data/, a few CPU minutes
-    python train_tok.py --recipe vqgan --out out/vqgan   # then --recipe stage1 --vqgan out/vqgan/vqgan.pt
+    python train_tok.py --recipe vqgan --out out/vqgan   # tiny, on data/: then stage1, stage2 as in main.sh
     torchrun --nproc_per_node=8 train_tok.py --preset titok_s128 --recipe stage1 --data IMAGENET/train \\
         --vqgan maskgit-vqgan-imagenet-f16-256.bin --dtype bf16 --out runs/s128_stage1
 """
@@ -86,16 +85,14 @@ RECIPES: dict[str, Recipe] = {
     "single": Recipe("single"),  # TA-TiTok's configs: perceptual x 1.1, GAN x 0.1 from 200k
     "vqgan": Recipe("vqgan"),    # MaskGIT-VQGAN's recipe was not released: the single-stage values
 }
-# The tiny preset on 2 CPU cores (before the flags): a schedule per recipe, lr 1e-3 (1e-4 suits 300M parameters),
-# dead codes restarted every 50 steps. main.sh runs vqgan -> stage1 -> stage2: an L2-only VQGAN gives the proxy
-# codes, and stage 2 adds LPIPS at once and the GAN once its L2 has flattened (README, "What the main job measured").
-_TINY = dict(batch_size=16, warmup_steps=100, lr=1e-3, end_lr=1e-4, disc_channels=32, log_every=20,
+# The tiny preset on 2 CPU cores (before the flags), lr 1e-3 (1e-4 suits 300M parameters). main.sh: an L2-only VQGAN
+# -> stage 1 -> stage 2 with LPIPS, and the GAN once its L2 has flattened (README, "What the main job measured").
+_TINY = dict(batch_size=16, warmup_steps=100, lr=1e-3, end_lr=1e-4, disc_channels=32, log_every=20, save_every=300,
              dead_code_restart=True, dead_code_every=50)
 TINY_CPU: dict[str, dict] = {
-    "vqgan": dict(_TINY, max_steps=600, perceptual_weight=0, disc_weight=0, eval_every=150, save_every=300),
+    "vqgan": dict(_TINY, max_steps=600, perceptual_weight=0, disc_weight=0, eval_every=150),
     "stage1": dict(_TINY, max_steps=1_600, eval_every=400, save_every=400),
-    "stage2": dict(_TINY, max_steps=600, warmup_steps=50, perceptual_start=0, disc_start=400, eval_every=150,
-                   save_every=300),
+    "stage2": dict(_TINY, max_steps=600, warmup_steps=50, perceptual_start=0, disc_start=400, eval_every=150),
     "single": dict(_TINY, max_steps=1_440, perceptual_weight=0.1, perceptual_start=1_200, disc_start=1_300,
                    eval_every=360, save_every=360),
 }
@@ -112,9 +109,8 @@ class BlurDownsample(nn.Module):
         self.register_buffer("kernel", (torch.outer(t, t) / 64)[None, None])           # (1, 1, 4, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        C, H, W = x.shape[-3:]
-        ph, pw = (max((math.ceil(n / 2) - 1) * 2 + 4 - n, 0) for n in (H, W))  # TF "SAME" (a TF port)
-        x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        C, H, W = x.shape[-3:]  # TF's "SAME" padding (a TF port): 1 before, 1 after (2 if odd), for 4 taps at stride 2
+        x = F.pad(x, (1, 1 + W % 2, 1, 1 + H % 2))
         return F.conv2d(x, self.kernel.expand(C, 1, -1, -1).to(x.dtype), stride=2, groups=C)
 
 class PatchDiscriminator(nn.Module):
@@ -522,10 +518,9 @@ def main(argv: list[str] | None = None) -> None:
             RECIPES[run.recipe], **(TINY_CPU[run.recipe] if run.preset == "tiny" else {})))
         run.kind = "vqgan" if run.recipe == "vqgan" else "tokenizer"
         sources = {k: sha256_of(v) for k in ("init", "vqgan") if (v := getattr(run, k)) and Path(v).exists()}
-        for k, sha in sources.items() if ckpt is not None else ():  # e.g. stage 1 retrained under a finished stage 2
-            if ckpt.get("sources", {}).get(k, sha) != sha:
-                raise UserError(f"--resume: {out} was trained from another --{k} {getattr(run, k)} (its bytes "
-                                "differ); use another --out, or delete it to train from the new one")
+        if changed := [k for k, sha in sources.items() if (ckpt or {}).get("sources", {}).get(k, sha) != sha]:
+            raise UserError(f"--resume: {out} was trained from another --{changed[0]} {getattr(run, changed[0])} "
+                            "(its bytes differ; e.g. stage 1 retrained): use another --out, or delete it")
         if run_is_finished(ckpt, R.max_steps, export := out / f"{run.kind}.pt", d):
             return
         run.config = dataclasses.asdict(cfg := resized(recipe_config(run.preset, run.recipe), run))
@@ -598,8 +593,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineErrorParser(description="Train a TiTok tokenizer with the official recipes (torchrun: DDP).",
-                           epilog="recipes: RECIPES in train_tok.py; --preset tiny replaces their schedules with TINY_CPU's ("
-                           + ", ".join(f"{k}: {v['max_steps']} steps" for k, v in TINY_CPU.items()) + ")")
+                           epilog="recipes: RECIPES; --preset tiny: their CPU schedules, TINY_CPU (train_tok.py)")
     p.add_argument("--preset", choices=list(PRESETS), default="tiny", help="architecture (default: tiny)")
     p.add_argument("--recipe", choices=list(RECIPES), default="single", help="(default: single)")
     p.add_argument("--data", default=str(HERE / "data"), help="image folder (ImageNet layout) or idx(.gz) files")
@@ -638,9 +632,8 @@ def distributed(device: torch.device | None = None, timeout_hours: float = 0.5):
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
                                 timeout=timedelta(hours=timeout_hours))
-    # A CPU run repeats to the last digit: by default the codebook's gradient (embedding backward, a sum over the
-    # tokens that chose each code) adds across threads in a varying order, and the nearest-code choice amplifies
-    # that (three main.sh runs spanned rFID 64.6-72.8). GPUs keep their fast kernels.
+    # CPU runs repeat to the last digit: the default embedding backward (the codebook's gradient) adds across threads
+    # in a varying order, and the nearest-code choice amplifies it (main.sh: rFID 64.6-72.8). GPUs keep fast kernels.
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(was or device.type == "cpu")
     try:
