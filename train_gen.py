@@ -22,12 +22,11 @@ import numpy as np, torch  # noqa: E401
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import generator, tokenizer  # noqa: E401
-from tokenizer import UserError, autocast, write_atomic
-from train_tok import (EMA, EVAL_SIZE, HERE, Dist, OneLineErrorParser, TrainSet, add_recipe_flags, barrier,
-                       check_finite, checkpoint, distributed, lr_at, make_adamw, nonneg_int,
-                       one_line_errors, open_image_source, open_log, resolve, restore, resume_from, run_is_finished,
-                       save_checkpoint, save_step_checkpoint, set_lr, sha256_of, split_heldout, step_batches,
-                       world_mean, world_sum, write_log, write_summary)
+from tokenizer import Parser, UserError, autocast, nonneg_int, one_line_errors, write_atomic
+from train_tok import (EMA, EVAL_SIZE, HERE, Dist, TrainSet, add_recipe_flags, barrier, check_finite, checkpoint,
+                       distributed, lr_at, make_adamw, open_image_source, open_log, resolve, restore, resume_from,
+                       run_is_finished, save_checkpoint, save_step_checkpoint, set_lr, sha256_of, split_heldout,
+                       step_batches, world_mean, world_sum, write_log, write_summary)
 
 # ----------------------------------------------------------------------------------------------
 # 1. Recipe: configs/training/generator/maskgit.yaml (AdamW betas (0.9, 0.96), weight decay 0.03, ...).
@@ -310,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def build_parser(tokenize: bool = False) -> argparse.ArgumentParser:
     """Training flags (every GenRecipe field too), or those of `train_gen.py tokenize`."""
-    p = OneLineErrorParser(prog="train_gen.py" + " tokenize" * tokenize, description=(
+    p = Parser(prog="train_gen.py" + " tokenize" * tokenize, description=(
         "Encode a dataset once into token ids (centre crop + flipped copy)." if tokenize else "Train TiTok's "
         f"MaskGIT generator (torchrun: DDP); `train_gen.py tokenize` makes the tokens. Tiny: {TINY_CPU}"))
     p.add_argument("--tokenizer", required=tokenize, help="tokenizer (ours, official, HF folder); training: to "

@@ -34,7 +34,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tokenizer
 from fid import LPIPS, load_lpips
-from tokenizer import PRESETS, MaskGITVQGAN, TiTok, TiTokConfig, UserError, autocast, image_grid, write_atomic
+from tokenizer import (PRESETS, MaskGITVQGAN, Parser, TiTok, TiTokConfig, UserError, autocast, image_grid, nonneg_int,
+                       one_line_errors, write_atomic)
 
 HERE = Path(__file__).resolve().parent
 
@@ -427,7 +428,7 @@ def evaluate(t: Trainer, images: torch.Tensor, out_dir: Path, step: int, batch: 
             if t.teacher is not None:
                 pred = out.float().argmax(1).flatten(1)                           # (B, g*g)
                 hits += (pred == t.teacher.encode(x)).float().mean().item() * len(x)
-                out = t.teacher.decode_codes(pred)
+                out = t.teacher.decode_tokens(pred)
             counts += torch.bincount(result["ids"].flatten().cpu(), minlength=len(counts)) if "ids" in result else 0
             recs.append(out.float().clamp(0, 1).cpu())
     recs, n, p = torch.cat(recs), min(16, len(images)), counts / counts.sum().clamp_min(1)
@@ -592,7 +593,7 @@ def main(argv: list[str] | None = None) -> None:
 # 8. Command line. Every Recipe field is a flag, defaulting to the chosen recipe's value.
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineErrorParser(description="Train a TiTok tokenizer with the official recipes (torchrun: DDP).",
+    p = Parser(description="Train a TiTok tokenizer with the official recipes (torchrun: DDP).",
                            epilog="recipes: RECIPES; --preset tiny: their CPU schedules, TINY_CPU (train_tok.py)")
     p.add_argument("--preset", choices=list(PRESETS), default="tiny", help="architecture (default: tiny)")
     p.add_argument("--recipe", choices=list(RECIPES), default="single", help="(default: single)")
@@ -775,22 +776,6 @@ def check_finite(value: torch.Tensor, what: str, step: int, last_checkpoint: Pat
         where = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no good checkpoint"
         raise UserError(f"{what} is {value.detach().flatten()[0].item()} at step {step}; stopped without "
                         f"saving ({where}; continue with --resume, e.g. with a lower --lr)")
-
-@contextlib.contextmanager
-def one_line_errors():  # a UserError ends the program: `error: <one line>` (from rank 0), status 1
-    try:
-        yield
-    except UserError as e:
-        sys.exit(f"error: {' '.join(str(e).split())}" if int(os.environ.get("RANK", "0")) == 0 else 1)
-
-class OneLineErrorParser(argparse.ArgumentParser):  # usage errors are UserErrors too (parse within the above)
-    def error(self, message: str) -> None:
-        raise UserError(f"{message} (see --help)")
-
-def nonneg_int(s: str) -> int:  # argparse type of the counts that may be 0 (--eval-size, --seed, --keep...)
-    if (v := int(s)) < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {s}")
-    return v
 
 def add_recipe_flags(p: argparse.ArgumentParser, recipe_class) -> None:
     """Every recipe field a flag: counts > 0 (a few >= 0), rates >= 0, probabilities and decays in [0, 1]

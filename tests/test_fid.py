@@ -267,9 +267,13 @@ def write_pngs(folder: Path, images: torch.Tensor) -> None:
 
 
 def run_cli(capsys, *argv):
-    code = fid.main([str(a) for a in argv])
+    try:
+        fid.main([str(a) for a in argv])
+        code, message = 0, ""
+    except SystemExit as e:  # `error: <one line>`
+        code, message = 1, str(e.code)
     out, err = capsys.readouterr()
-    return code, out, err
+    return code, out, err + message
 
 
 def number(out: str, key: str) -> float:
