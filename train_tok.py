@@ -92,7 +92,7 @@ _TINY = dict(batch_size=16, warmup_steps=100, lr=1e-3, end_lr=1e-4, disc_channel
              dead_code_restart=True, dead_code_every=50)
 TINY_CPU: dict[str, dict] = {
     "vqgan": dict(_TINY, max_steps=600, perceptual_weight=0, disc_weight=0, eval_every=150),
-    "stage1": dict(_TINY, max_steps=1_600, eval_every=400, save_every=400),
+    "stage1": dict(_TINY, max_steps=2_400, eval_every=600, save_every=600),
     "stage2": dict(_TINY, max_steps=600, warmup_steps=50, perceptual_start=0, disc_start=400, eval_every=150),
     "single": dict(_TINY, max_steps=1_440, perceptual_weight=0.1, perceptual_start=1_200, disc_start=1_300,
                    eval_every=360, save_every=360),
