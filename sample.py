@@ -130,7 +130,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 def main(argv: list[str] | None = None) -> None:
-    with one_line_errors(), distributed((args := parse_args(argv)).device, timeout_hours=24) as d:  # (ranks end apart)
+    # (a long collective timeout: ranks may finish their shares of --npz hours apart)
+    with one_line_errors(), distributed((args := parse_args(argv)).device, timeout_hours=24) as d:
         if d.world > 1 and args.npz is None:
             raise UserError("a grid is sampled by one process; use --npz with torchrun")
         model, tok = generator.load_generator(args.ckpt), tokenizer.load_tokenizer(args.tokenizer).to(d.device)
