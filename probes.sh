@@ -9,7 +9,7 @@
 #   (d) the generator: gFID and sampling speed vs tokens; arccos vs cosine    (Sec. 4.2 Fig. 4d, Sec. 3.4)
 #   (e) beyond the paper: nested dropout, so that any prefix of the tokens decodes (FlexTok, One-D-Piece)
 #
-#   bash probes.sh                                 # into out/probes, ~31 minutes
+#   bash probes.sh                                 # into out/probes, ~12-31 minutes by host
 #   OUT=/tmp/p SMOKE=1 bash probes.sh              # a few steps per run: checks the hand-offs (CI does this)
 set -euo pipefail
 cd "$(dirname "$0")"
