@@ -594,7 +594,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(description="Train a TiTok tokenizer with the official recipes (torchrun: DDP).",
-                           epilog="recipes: RECIPES; --preset tiny: their CPU schedules, TINY_CPU (train_tok.py)")
+               epilog="recipes: RECIPES; --preset tiny: their CPU schedules, TINY_CPU (train_tok.py)")
     p.add_argument("--preset", choices=list(PRESETS), default="tiny", help="architecture (default: tiny)")
     p.add_argument("--recipe", choices=list(RECIPES), default="single", help="(default: single)")
     p.add_argument("--data", default=str(HERE / "data"), help="image folder (ImageNet layout) or idx(.gz) files")
@@ -718,11 +718,11 @@ def list_checkpoints(out: str | os.PathLike) -> list[Path]:
 def save_step_checkpoint(out: Path, step: int, state: dict, keep: int, d: Dist) -> Path:
     """Rank 0 writes ckpt_<step>.pt and keeps the newest `keep`; the others wait for it."""
     if d.is_main:
-        save_checkpoint(path := out / f"ckpt_{step:08d}.pt", state)
+        save_checkpoint(out / f"ckpt_{step:08d}.pt", state)
         for old in list_checkpoints(out)[:-keep] if keep > 0 else []:
             old.unlink()
     barrier()
-    return out / f"ckpt_{step:08d}.pt"  # (`path` exists on rank 0 only)
+    return out / f"ckpt_{step:08d}.pt"
 
 def write_summary(out: Path, summary: dict) -> None:  # <out>/summary.json: what main.sh gathers
     write_atomic(out / "summary.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))

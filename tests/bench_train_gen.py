@@ -9,7 +9,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import generator  # noqa: E402
-import tokenizer as T  # noqa: E402
 import train_gen  # noqa: E402
 import train_tok as TT  # noqa: E402
 from tests.bench_util import bench_dtypes, bench_parser, flops, matmul_gflops, timeit  # noqa: E402
