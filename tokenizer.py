@@ -537,8 +537,7 @@ def _shapes(sd: dict) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in sd.items()}
 
 def guess_preset(state_dict: dict, presets: dict | None = None, build=None) -> str | None:
-    """The preset whose model has exactly the keys and shapes of `state_dict` (built on the `meta`
-    device: no memory, no time); generator.py passes its own presets and builder."""
+    """The preset whose model has the keys and shapes of `state_dict` (built on the `meta` device: no memory)."""
     want, build = _shapes(state_dict), build or TiTok
     with torch.device("meta"):
         return next((n for n, c in (presets or PRESETS).items() if _shapes(build(c).state_dict()) == want), None)
@@ -612,8 +611,7 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError("two images share a file name stem; their outputs would overwrite each other")
         for i in range(0, len(args.images), args.batch_size):  # (a line per image: no progress bar)
             paths = args.images[i:i + args.batch_size]
-            x = torch.stack([to_tensor(resize_center_crop(open_rgb(f), tok.config.image_size)) for f in paths])
-            x = x.to(args.device).float() / 255                            # (B, 3, S, S): as for evaluation
+            x = torch.stack([load_image(f, tok.config.image_size) for f in paths]).to(args.device)  # (B, 3, S, S)
             with torch.no_grad():
                 all_ids.append(ids := tok.encode(x))                       # (B, K)
                 recon = tok.decode_tokens(ids).float().clamp(0, 1) if args.command == "reconstruct" else []
@@ -752,8 +750,7 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
         raise UserError(f"{path}: not a readable image ({e})") from None
 
 def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
-    """Shorter side to `size`, bicubic with antialiasing, the long side truncated to an int: what
-    torchvision's Resize(size, BICUBIC) does to a PIL image (the reference's preprocessing)."""
+    """Shorter side to `size`, bicubic, long side truncated: torchvision's Resize(size, BICUBIC), the reference's."""
     w, h = img.size
     new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
     return img if new == (w, h) else img.resize(new, Image.BICUBIC)
@@ -766,6 +763,9 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
 
 def to_tensor(img: Image.Image) -> torch.Tensor:  # PIL RGB -> (3, H, W) uint8
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:  # (3, size, size) in [0, 1], as for evaluation
+    return to_tensor(resize_center_crop(open_rgb(path), size)).float() / 255.0
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Decoder output in [0, 1] (unclamped) -> uint8, clamped and rounded as TiTok's evaluation."""

@@ -313,5 +313,5 @@ def test_cli_reconstructs_a_photo(tiny_ckpt, tmp_path):
     assert (side[:, 32:] == recon).all()
     # the printed ids are the ids of the preprocessed image
     tok = T.load_tokenizer(tiny_ckpt)
-    ids = tok.encode(T.to_tensor(T.resize_center_crop(T.open_rgb(tmp_path / "photo.jpg"), 32))[None] / 255)[0].tolist()
+    ids = tok.encode(T.load_image(tmp_path / "photo.jpg", 32)[None])[0].tolist()
     assert f"ids {ids}" in r.stdout

@@ -118,8 +118,7 @@ def test_tokenize_train_sample_round_trip(tmp_path):
     # the stored ids are the tokenizer's ids of the centre-cropped image (first) and its mirror image
     from train_tok import split_heldout
     files = sorted((tmp_path / "imgs").rglob("*.png"))
-    first = tokenizer.open_rgb(files[int(split_heldout(len(files), 3)[0][0])])
-    x = tokenizer.to_tensor(tokenizer.resize_center_crop(first, 32))[None] / 255
+    x = tokenizer.load_image(files[int(split_heldout(len(files), 3)[0][0])], 32)[None]
     assert np.array_equal(ids[0], tok.encode(x)[0].numpy()) and np.array_equal(ids[21], tok.encode(x.flip(-1))[0].numpy())
     main("--tokens", tmp_path / "tokens", "--out", tmp_path / "gen", "--max-steps", 2, "--batch-size", 4, "--eval-every", 2)
     assert (tmp_path / "gen" / "samples_00000002.png").is_file()

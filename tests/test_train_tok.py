@@ -226,7 +226,7 @@ def test_image_folder_held_out_images_are_preprocessed_as_reconstruct(tmp_path):
             Image.fromarray(rng.integers(0, 255, (30, 41, 3), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
     src = TT.open_image_source(tmp_path, 16)
     assert len(src.files) == 6 and src.labels == [0, 0, 0, 1, 1, 1]
-    assert torch.equal(src.load(4, None)[0].float() / 255, T.to_tensor(T.resize_center_crop(T.open_rgb(src.files[4]), 16)).float() / 255)  # as rFID
+    assert torch.equal(src.load(4, None)[0].float() / 255, T.load_image(src.files[4], 16))  # as rFID
     assert src.load(4, np.random.default_rng(0))[0].shape == (3, 16, 16)                  # a random crop
     (tmp_path / "empty").mkdir()
     with pytest.raises(T.UserError, match="no images"):
