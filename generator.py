@@ -19,17 +19,24 @@ The token space seen by both transformers, with K = codebook size and C = number
     K + 1 + C       the null class (no label), used for classifier-free guidance
 The input is [class token, N image tokens] (labels in [0, C]); the output, logits over K codes at the N positions.
 """
+
 from __future__ import annotations
 
-import dataclasses, json, math  # noqa: E401
+import dataclasses
+import json
+import math
 from pathlib import Path
 
-import torch, torch.nn as nn, torch.nn.functional as F  # noqa: E401
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-from tokenizer import UserError, checkpoint_weights, guess_preset, load_official_weights, read_checkpoint
+import common
+from common import UserError
 
 # ----------------------------------------------------------------------------------------------
 # 1. Training (MaskGIT Sec. 3.1): mask schedule, random masking, label dropout, the loss
+
 
 def mask_ratio(progress, schedule: str = "arccos"):
     """gamma(r) of MaskGIT Sec. 3.3: the fraction still masked at progress r in [0, 1] (1 -> 0); TiTok's arccos fixes
@@ -43,46 +50,73 @@ def mask_ratio(progress, schedule: str = "arccos"):
         return 1 - progress
     raise ValueError(f"unknown mask schedule {schedule!r} (arccos, cosine or linear)")
 
-def _rand(shape, generator: torch.Generator | None, device) -> torch.Tensor:
+
+def draw_uniform(shape, generator: torch.Generator | None, device) -> torch.Tensor:
     """U[0,1) float32 from `generator` (else `device`'s global RNG), on `device`: every draw, in order."""
     source = generator.device if generator is not None else device
     return torch.rand(shape, generator=generator, device=source).to(device)
 
-def mask_tokens(ids: torch.Tensor, schedule: str = "arccos", *, mask_id: int,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+
+def mask_tokens(
+    ids: torch.Tensor,
+    schedule: str = "arccos",
+    *,
+    mask_id: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Training-time masking (MaskGIT Sec. 3.1): per sample, r ~ U(0,1); mask round(N * gamma(r)) >= 1 random tokens."""
     B, N = ids.shape
-    r = _rand((B,), generator, ids.device)                           # RNG draw 1: progress per sample
+    r = draw_uniform((B,), generator, ids.device)  # RNG draw 1: progress per sample
     num_masked = (N * mask_ratio(r, schedule).clamp(1e-6, 1.0)).round().clamp(min=1)  # (B,)
     # RNG draw 2: a random permutation per row; its values below num_masked mark num_masked uniform positions.
-    mask = _rand((B, N), generator, ids.device).argsort(dim=-1) < num_masked[:, None]  # (B, N)
+    mask = (
+        draw_uniform((B, N), generator, ids.device).argsort(dim=-1) < num_masked[:, None]
+    )  # (B, N)
     return torch.where(mask, mask_id, ids), mask
 
-def drop_labels(class_labels: torch.Tensor, drop_prob: float, null_label: int,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+
+def drop_labels(
+    class_labels: torch.Tensor,
+    drop_prob: float,
+    null_label: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """For classifier-free guidance: each label becomes null_label with probability drop_prob (a U(0,1) draw each)."""
-    drop = _rand(class_labels.shape, generator, class_labels.device) < drop_prob
+    drop = draw_uniform(class_labels.shape, generator, class_labels.device) < drop_prob
     return torch.where(drop, null_label, class_labels)
 
-def masked_token_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, label_smoothing: float = 0.1,
-                      unmasked_weight: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+
+def masked_token_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    label_smoothing: float = 0.1,
+    unmasked_weight: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """MaskGIT's loss (Eq. 1): label-smoothed cross-entropy, weight 1 on masked, `unmasked_weight` on visible positions
     (learning to copy them), over the total. logits (B, N, K), targets, mask (B, N) -> (loss, masked accuracy)."""
-    ce = F.cross_entropy(logits.transpose(1, 2), targets, label_smoothing=label_smoothing, reduction="none")  # (B, N)
+    ce = F.cross_entropy(
+        logits.transpose(1, 2), targets, label_smoothing=label_smoothing, reduction="none"
+    )  # (B, N)
     m = mask.to(ce.dtype)
     w = (1.0 - m) * unmasked_weight + m
     loss = (ce * w).sum() / (w.sum() + 1e-8)
     correct = (logits.argmax(-1) == targets).to(ce.dtype) * m
     return loss, (correct.sum(1) / (m.sum(1) + 1e-8)).mean()
 
+
 # ----------------------------------------------------------------------------------------------
 # 2. Sampling (MaskGIT Sec. 3.2): iterative decoding with classifier-free guidance
+
 
 def gumbel_noise(u: torch.Tensor) -> torch.Tensor:
     """-log(-log(u)): U(0,1) -> Gumbel(0,1); argmax(logits + g) samples softmax(logits) (Gumbel-max)."""
     return -torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
 
-def guidance_scale_at(step: int, num_steps: int, guidance_scale: float, schedule: str, guidance_pow: float = 3.0):
+
+def guidance_scale_at(
+    step: int, num_steps: int, guidance_scale: float, schedule: str, guidance_pow: float = 3.0
+):
     """CFG scale at `step`. constant: g. linear (MUSE): s/S * g, so step 0 is unguided. power-cosine
     (MDT): 1 + (g-1) * (1 - cos(pi * (s/S)^pow)) / 2, in float32 like the reference (bit-exact seeds)."""
     if schedule == "constant":
@@ -90,75 +124,123 @@ def guidance_scale_at(step: int, num_steps: int, guidance_scale: float, schedule
     if schedule == "linear":
         return step / num_steps * guidance_scale
     if schedule == "power-cosine":
-        p = torch.tensor(guidance_pow, dtype=torch.float32)  # 0-dim: usable with logits on any device
+        p = torch.tensor(
+            guidance_pow, dtype=torch.float32
+        )  # 0-dim: usable with logits on any device
         return (guidance_scale - 1) * ((1 - torch.cos((step / num_steps) ** p * torch.pi)) / 2) + 1
     raise ValueError(f"unknown guidance schedule {schedule!r} (constant, linear or power-cosine)")
 
-def guided_logits(model: nn.Module, ids: torch.Tensor, class_labels: torch.Tensor, scale,
-                  schedule: str, generator: torch.Generator | None) -> torch.Tensor:
-    """Logits for one step; with guidance, conditional and unconditional rows in ONE forward. The reference's two
-    forwards each draw U(0,1) per label for label dropout (of probability 0 or 1): we make the same draws."""
-    _rand(class_labels.shape, generator, ids.device)                 # the conditional pass's draw
-    if float(scale) == 0:
-        return model(ids, class_labels).float()                      # (B, N, K)
-    _rand(class_labels.shape, generator, ids.device)                 # the unconditional pass's draw
+
+def replay_label_dropout_draws(labels: torch.Tensor, generator, device, passes: int) -> None:
+    """The reference's sampler runs the conditional and the unconditional pass as two forwards,
+    and each draws U(0,1) per label for its label dropout (of probability 0 or 1 when sampling:
+    the draws decide nothing). We run one forward but make the same draws, so that a seed gives
+    the reference's samples bit for bit."""
+    for _ in range(passes):
+        draw_uniform(labels.shape, generator, device)
+
+
+def guided_logits(
+    model: nn.Module,
+    ids: torch.Tensor,
+    class_labels: torch.Tensor,
+    scale,
+    schedule: str,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Logits (B, N, K) for one step; with guidance, the conditional and unconditional rows in ONE
+    forward."""
+    guided = float(scale) != 0
+    replay_label_dropout_draws(class_labels, generator, ids.device, passes=2 if guided else 1)
+    if not guided:
+        return model(ids, class_labels).float()
     null = torch.full_like(class_labels, model.null_label)
-    cond, uncond = model(torch.cat([ids, ids]), torch.cat([class_labels, null])).float().chunk(2)  # (B, N, K)
-    if schedule == "power-cosine":   # MDT's form: interpolate from the unconditional logits
+    logits = model(torch.cat([ids, ids]), torch.cat([class_labels, null])).float()
+    cond, uncond = logits.chunk(2)  # (B, N, K) each
+    if schedule == "power-cosine":  # MDT's form: interpolate from the unconditional logits
         return uncond + (cond - uncond) * scale
-    return cond + (cond - uncond) * scale                            # MUSE's form
+    return cond + (cond - uncond) * scale  # MUSE's form
+
 
 @torch.no_grad()
-def generate(model: nn.Module, class_labels: torch.Tensor, num_steps: int = 8, guidance_scale: float = 3.0,
-             guidance_schedule: str = "constant", temperature: float = 1.0, randomize_temperature: float = 4.5,
-             softmax_annealing: bool = False, guidance_pow: float = 3.0, mask_schedule: str = "arccos",
-             generator: torch.Generator | None = None) -> torch.Tensor:
+def generate(
+    model: nn.Module,
+    class_labels: torch.Tensor,
+    num_steps: int = 8,
+    guidance_scale: float = 3.0,
+    guidance_schedule: str = "constant",
+    temperature: float = 1.0,
+    randomize_temperature: float = 4.5,
+    softmax_annealing: bool = False,
+    guidance_pow: float = 3.0,
+    mask_schedule: str = "arccos",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Class-conditional MaskGIT sampling (Sec. 3.2) -> token ids (B, N) int64. randomize_temperature scales the
     Gumbel noise (0 = greedy), annealed linearly to 0; temperature is a constant softmax temperature (1 = off). Random
     numbers come in the reference's order, per step: rand(B) [cond], rand(B) [uncond, if guided], U(B,N,K), U(B,N)."""
     B, N, device = class_labels.shape[0], model.seq_len, class_labels.device
     ids = torch.full((B, N), model.mask_id, dtype=torch.long, device=device)  # start fully masked
     for step in range(num_steps):
-        r = (step + 1) / num_steps                                   # progress after this step
-        t = randomize_temperature * (1.0 - r)                        # annealed Gumbel temperature
-        is_mask = ids == model.mask_id                               # (B, N)
+        r = (step + 1) / num_steps  # progress after this step
+        t = randomize_temperature * (1.0 - r)  # annealed Gumbel temperature
+        is_mask = ids == model.mask_id  # (B, N)
         scale = guidance_scale_at(step, num_steps, guidance_scale, guidance_schedule, guidance_pow)
-        softmax_t = temperature * (0.5 + 0.8 * (1 - r) if softmax_annealing else 1.0)  # annealing sharpens
-        logits = guided_logits(model, ids, class_labels, scale, guidance_schedule, generator) / softmax_t
+        softmax_t = temperature * (
+            0.5 + 0.8 * (1 - r) if softmax_annealing else 1.0
+        )  # annealing sharpens
+        logits = (
+            guided_logits(model, ids, class_labels, scale, guidance_schedule, generator) / softmax_t
+        )
         # 1. Predict: sample a candidate id for every position (Gumbel-max at temperature t).
-        candidates = (logits + t * gumbel_noise(_rand(logits.shape, generator, device))).argmax(-1)
-        confidence = logits.gather(-1, candidates[..., None]).squeeze(-1)  # (B, N) candidate's logit
-        candidates = torch.where(is_mask, candidates, ids)           # decided tokens never change
-        confidence = torch.where(is_mask, confidence, math.inf)      # ...and are never re-masked
+        candidates = (
+            logits + t * gumbel_noise(draw_uniform(logits.shape, generator, device))
+        ).argmax(-1)
+        confidence = logits.gather(-1, candidates[..., None]).squeeze(
+            -1
+        )  # (B, N) candidate's logit
+        candidates = torch.where(is_mask, candidates, ids)  # decided tokens never change
+        confidence = torch.where(is_mask, confidence, math.inf)  # ...and are never re-masked
         # 2. Schedule: gamma(r) * N stay masked (>= 1, < now); as in the reference, row 0's count bounds every row.
-        num_masked = max(1, min(int(is_mask[0].sum()) - 1, math.floor(N * mask_ratio(r, mask_schedule))))
+        num_masked = max(
+            1, min(int(is_mask[0].sum()) - 1, math.floor(N * mask_ratio(r, mask_schedule)))
+        )
         # 3. Re-mask the least confident (with Gumbel noise, so "confidence" is itself sampled).
-        confidence = confidence + t * gumbel_noise(_rand((B, N), generator, device))
+        confidence = confidence + t * gumbel_noise(draw_uniform((B, N), generator, device))
         cutoff = confidence.kthvalue(num_masked, dim=-1, keepdim=True).values  # (B, 1)
-        last = step == num_steps - 1                                 # the last step keeps every candidate
+        last = step == num_steps - 1  # the last step keeps every candidate
         ids = candidates if last else torch.where(confidence <= cutoff, model.mask_id, candidates)
     return ids
+
 
 # ----------------------------------------------------------------------------------------------
 # 3. What both transformers share: the token space, a Linear for bf16 matmuls, attention, init
 
+
 class MaskedTokenModel(nn.Module):
     """Both generators: the token space of the module docstring; forward(ids, labels) -> (B, N, K)."""
+
     def __init__(self, codebook_size: int, seq_len: int, num_classes: int):
         super().__init__()
         self.codebook_size, self.seq_len, self.num_classes = codebook_size, seq_len, num_classes
-        self.mask_id, self.null_label = codebook_size, num_classes  # the [MASK] id; the "no class" label
+        self.mask_id, self.null_label = (
+            codebook_size,
+            num_classes,
+        )  # the [MASK] id; the "no class" label
         self.vocab_size = codebook_size + num_classes + 2
 
     def input_sequence(self, input_ids: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
         """[class token, N image tokens] (B, 1+N); class c becomes id K+1+c, the null label C -> K+1+C."""
         return torch.cat([(class_labels + self.codebook_size + 1).view(-1, 1), input_ids], dim=1)
 
+
 class Linear(nn.Linear):
     """nn.Linear casting its input to the weight dtype. After cast_matmuls the matmuls (and attention / GELU between
     two) run in bf16, the residual stream and LayerNorms in fp32: `x + sublayer(x)` promotes back to fp32."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+
 
 def cast_matmuls(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """Linear weights in `dtype` (bf16: twice the matmul throughput on AMX CPUs and GPUs), except the
@@ -168,13 +250,16 @@ def cast_matmuls(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Mo
             m.to(dtype)
     return model
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
-              dropout_p: float = 0.0) -> torch.Tensor:
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, dropout_p: float = 0.0
+) -> torch.Tensor:
     """Multi-head scaled dot-product attention of both generators: q, k, v (B, L, D) -> (B, L, D)."""
     B, L, D = q.shape
-    heads = lambda t: t.view(B, L, num_heads, D // num_heads).transpose(1, 2)  # (B, H, L, D/H)
-    y = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), dropout_p=dropout_p)
+    q, k, v = (t.view(B, L, num_heads, D // num_heads).transpose(1, 2) for t in (q, k, v))
+    y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, heads, L, D / heads)
     return y.transpose(1, 2).reshape(B, L, D)
+
 
 def _init_weights(m: nn.Module) -> None:
     """The references' init (training from scratch): N(0, 0.02) weights truncated at +-2, zero biases."""
@@ -183,12 +268,15 @@ def _init_weights(m: nn.Module) -> None:
         if getattr(m, "bias", None) is not None:
             nn.init.zeros_(m.bias)
 
+
 # ----------------------------------------------------------------------------------------------
 # 4. ImageBert: a post-LN BERT encoder (Devlin et al. 2019) over [class token, image tokens]. The ModuleDicts
 #    only reproduce levels of the checkpoint keys (model.encoder.layer.i.attention.self.query ...).
 
+
 class PostNormResidual(nn.Module):
     """BERT's sub-layer output LayerNorm(residual + dropout(dense(h))): post-LN, unlike the pre-LN ViT blocks."""
+
     def __init__(self, in_dim: int, dim: int, dropout: float):
         super().__init__()
         self.dense = Linear(in_dim, dim)
@@ -197,53 +285,83 @@ class PostNormResidual(nn.Module):
     def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(residual + self.dropout(self.dense(h)))
 
+
 class BertLayer(nn.Module):
     """x = LN(x + attention(x)); x = LN(x + MLP(x)), with separate q, k, v projections, all with bias."""
+
     def __init__(self, dim: int, num_heads: int, mlp_dim: int, dropout: float, attn_dropout: float):
         super().__init__()
         self.num_heads, self.attn_dropout = num_heads, attn_dropout
-        qkv = nn.ModuleDict(dict(query=Linear(dim, dim), key=Linear(dim, dim), value=Linear(dim, dim)))
+        qkv = nn.ModuleDict(
+            dict(query=Linear(dim, dim), key=Linear(dim, dim), value=Linear(dim, dim))
+        )
         self.attention = nn.ModuleDict(dict(self=qkv, output=PostNormResidual(dim, dim, dropout)))
         self.intermediate = nn.ModuleDict(dict(dense=Linear(dim, mlp_dim)))
         self.output = PostNormResidual(mlp_dim, dim, dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:             # (B, L, D) -> (B, L, D)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B, L, D)
         a, p = self.attention.self, self.attn_dropout if self.training else 0.0
         h = attention(a.query(x), a.key(x), a.value(x), self.num_heads, p)
         x = self.attention.output(h, x)
-        return self.output(F.gelu(self.intermediate.dense(x)), x)    # exact (erf) GELU, BERT's "gelu"
+        return self.output(F.gelu(self.intermediate.dense(x)), x)  # exact (erf) GELU, BERT's "gelu"
+
 
 class ImageBert(MaskedTokenModel):
     """TiTok-L-32 / B-64's transformer; the checkpoint calls its body `model`: embeddings, encoder.layer.i, lm_head."""
-    def __init__(self, codebook_size: int, seq_len: int, num_classes: int, hidden_size: int, num_layers: int,
-                 num_heads: int, mlp_dim: int, dropout: float = 0.1, attn_dropout: float = 0.1):
+
+    def __init__(
+        self,
+        codebook_size: int,
+        seq_len: int,
+        num_classes: int,
+        hidden_size: int,
+        num_layers: int,
+        num_heads: int,
+        mlp_dim: int,
+        dropout: float = 0.1,
+        attn_dropout: float = 0.1,
+    ):
         super().__init__(codebook_size, seq_len, num_classes)
         D = hidden_size
-        embeddings = nn.ModuleDict(dict(
-            word_embeddings=nn.Embedding(self.vocab_size, D),
-            position_embeddings=nn.Embedding(seq_len + 1, D),  # learned absolute positions
-            token_type_embeddings=nn.Embedding(2, D),          # BERT's sentence A/B; only row 0 is used
-            LayerNorm=nn.LayerNorm(D, eps=1e-12), dropout=nn.Dropout(dropout)))
-        layers = nn.ModuleList(BertLayer(D, num_heads, mlp_dim, dropout, attn_dropout) for _ in range(num_layers))
+        embeddings = nn.ModuleDict(
+            dict(
+                word_embeddings=nn.Embedding(self.vocab_size, D),
+                position_embeddings=nn.Embedding(seq_len + 1, D),  # learned absolute positions
+                token_type_embeddings=nn.Embedding(2, D),  # BERT's sentence A/B; only row 0 is used
+                LayerNorm=nn.LayerNorm(D, eps=1e-12),
+                dropout=nn.Dropout(dropout),
+            )
+        )
+        layers = nn.ModuleList(
+            BertLayer(D, num_heads, mlp_dim, dropout, attn_dropout) for _ in range(num_layers)
+        )
         # Untied: its own (K, D) weight, not the word embeddings (recent `transformers` would tie it).
-        self.model = nn.ModuleDict(dict(embeddings=embeddings, encoder=nn.ModuleDict(dict(layer=layers)),
-                                        lm_head=Linear(D, codebook_size)))
+        self.model = nn.ModuleDict(
+            dict(
+                embeddings=embeddings,
+                encoder=nn.ModuleDict(dict(layer=layers)),
+                lm_head=Linear(D, codebook_size),
+            )
+        )
         self.apply(_init_weights)
 
     def forward(self, input_ids: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
         e, ids = self.model.embeddings, self.input_sequence(input_ids, class_labels)  # ids (B, 1+N)
-        x = e.word_embeddings(ids) + e.token_type_embeddings.weight[0]    # token type 0 everywhere
-        x = e.dropout(e.LayerNorm(x + e.position_embeddings.weight[:ids.shape[1]]))  # (B, 1+N, D)
+        x = e.word_embeddings(ids) + e.token_type_embeddings.weight[0]  # token type 0 everywhere
+        x = e.dropout(e.LayerNorm(x + e.position_embeddings.weight[: ids.shape[1]]))  # (B, 1+N, D)
         for layer in self.model.encoder.layer:
             x = layer(x)
         return self.model.lm_head(x[:, 1:])  # drop the class position
 
+
 # ----------------------------------------------------------------------------------------------
 # 5. UViTBert: pre-LN blocks with long skips (U-ViT, Bao et al. 2023), used for TiTok-S-128
+
 
 class UViTBlock(nn.Module):
     """Pre-LN block: x + attn(LN(x)), then x + mlp(LN(x)); qkv has no bias. Out-blocks (skip=True)
     first fuse the matching in-block's output: x = Linear(cat[x, skip]) (U-ViT's long skip)."""
+
     def __init__(self, dim: int, num_heads: int, mlp_dim: int, skip: bool = False):
         super().__init__()
         self.num_heads, self.norm1 = num_heads, nn.LayerNorm(dim)
@@ -256,26 +374,41 @@ class UViTBlock(nn.Module):
         if self.skip_linear is not None:
             # (B, L, 2D) -> (B, L, D); this output *is* the residual stream, so it keeps skip's dtype
             x = self.skip_linear(torch.cat([x, skip], dim=-1)).to(skip.dtype)
-        q, k, v = self.attn.qkv(self.norm1(x)).chunk(3, dim=-1)     # packed as (3, heads, head_dim)
+        q, k, v = self.attn.qkv(self.norm1(x)).chunk(3, dim=-1)  # packed as (3, heads, head_dim)
         x = x + self.attn.proj(attention(q, k, v, self.num_heads))
         return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
 
+
 class UViTBert(MaskedTokenModel):
     """num_layers // 2 in-blocks, a mid-block, num_layers // 2 out-blocks (S-128: 10 + 1 + 10)."""
-    def __init__(self, codebook_size: int, seq_len: int, num_classes: int, hidden_size: int,
-                 num_layers: int, num_heads: int, mlp_dim: int):
+
+    def __init__(
+        self,
+        codebook_size: int,
+        seq_len: int,
+        num_classes: int,
+        hidden_size: int,
+        num_layers: int,
+        num_heads: int,
+        mlp_dim: int,
+    ):
         super().__init__(codebook_size, seq_len, num_classes)
         self.embeddings = nn.Embedding(self.vocab_size, hidden_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, seq_len + 1, hidden_size))
-        block = lambda skip=False: UViTBlock(hidden_size, num_heads, mlp_dim, skip)
-        self.in_blocks, self.mid_block = nn.ModuleList(block() for _ in range(num_layers // 2)), block()
-        self.out_blocks = nn.ModuleList(block(skip=True) for _ in range(num_layers // 2))
-        self.norm, self.lm_head = nn.LayerNorm(hidden_size), Linear(hidden_size, codebook_size)
+        shape = (hidden_size, num_heads, mlp_dim)
+        self.in_blocks = nn.ModuleList(UViTBlock(*shape) for _ in range(num_layers // 2))
+        self.mid_block = UViTBlock(*shape)
+        self.out_blocks = nn.ModuleList(
+            UViTBlock(*shape, skip=True) for _ in range(num_layers // 2)
+        )
+        self.norm = nn.LayerNorm(hidden_size)
+        self.lm_head = Linear(hidden_size, codebook_size)
         self.apply(_init_weights)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
     def forward(self, input_ids: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
-        x = self.embeddings(self.input_sequence(input_ids, class_labels)) + self.pos_embed  # (B, 1+N, D)
+        ids = self.input_sequence(input_ids, class_labels)  # (B, 1+N)
+        x = self.embeddings(ids) + self.pos_embed  # (B, 1+N, D)
         skips = []
         for block in self.in_blocks:
             x = block(x)
@@ -285,54 +418,102 @@ class UViTBert(MaskedTokenModel):
             x = block(x, skips.pop())  # last in-block pairs with the first out-block
         return self.lm_head(self.norm(x)[:, 1:])
 
+
 def build_generator(cfg: GeneratorConfig) -> MaskedTokenModel:
     """ImageBert or UViTBert; keeps `config` (checkpoints) and `preset` (set by load_generator)."""
     if cfg.hidden_size % cfg.num_heads or cfg.arch not in ("imagebert", "uvit"):
-        raise UserError(f"bad generator config (arch 'imagebert' or 'uvit', heads dividing the width): {cfg}")
-    shape = (cfg.codebook_size, cfg.seq_len, cfg.num_classes, cfg.hidden_size, cfg.num_layers, cfg.num_heads,
-             cfg.mlp_dim)
-    model = (ImageBert(*shape, dropout=cfg.dropout, attn_dropout=cfg.attn_dropout) if cfg.arch == "imagebert"
-             else UViTBert(*shape))
+        raise UserError(
+            f"bad generator config (arch 'imagebert' or 'uvit', heads dividing the width): {cfg}"
+        )
+    shape = (
+        cfg.codebook_size,
+        cfg.seq_len,
+        cfg.num_classes,
+        cfg.hidden_size,
+        cfg.num_layers,
+        cfg.num_heads,
+        cfg.mlp_dim,
+    )
+    model = (
+        ImageBert(*shape, dropout=cfg.dropout, attn_dropout=cfg.attn_dropout)
+        if cfg.arch == "imagebert"
+        else UViTBert(*shape)
+    )
     model.config, model.preset = cfg, None
     return model
+
 
 # ----------------------------------------------------------------------------------------------
 # 6. Configuration, the released presets and their sampling settings
 
+
 @dataclasses.dataclass
 class GeneratorConfig:
-    arch: str = "imagebert"          # "imagebert" (post-LN BERT) or "uvit" (pre-LN U-ViT)
-    codebook_size: int = 4096        # K: the tokenizer's codebook size; K is also the [MASK] id
-    seq_len: int = 32                # N: image tokens per image (the tokenizer's num_latent_tokens)
-    num_classes: int = 1000          # C: class labels; C itself is the null class
+    """A generator's architecture; the defaults are TiTok-L-32's (an ImageBert)."""
+
+    arch: str = "imagebert"  # "imagebert" (post-LN BERT) or "uvit" (pre-LN U-ViT)
+    codebook_size: int = 4096  # K: the tokenizer's codebook size; K is also the [MASK] id
+    seq_len: int = 32  # N: image tokens per image (the tokenizer's num_latent_tokens)
+    num_classes: int = 1000  # C: class labels; C itself is the null class
     hidden_size: int = 768
-    num_layers: int = 24             # for "uvit": in-blocks = out-blocks = num_layers // 2, plus a mid-block
+    num_layers: int = 24  # for "uvit": in-blocks = out-blocks = num_layers // 2, plus a mid-block
     num_heads: int = 16
     mlp_dim: int = 3072
-    dropout: float = 0.1             # hidden dropout (ImageBert only; the reference U-ViT has none)
-    attn_dropout: float = 0.1        # attention-probability dropout (ImageBert only)
+    dropout: float = 0.1  # hidden dropout (ImageBert only; the reference U-ViT has none)
+    attn_dropout: float = 0.1  # attention-probability dropout (ImageBert only)
     class_label_dropout: float = 0.1  # training: probability of replacing a label by the null class
+
 
 # Released generators (official configs/infer/TiTok/*.yaml) and a CPU-sized one for the tiny tokenizer.
 PRESETS: dict[str, GeneratorConfig] = {
-    "titok_l32": GeneratorConfig("imagebert", 4096, 32, 1000, 768, 24, 16, 3072),
-    "titok_b64": GeneratorConfig("imagebert", 4096, 64, 1000, 768, 24, 16, 3072),
-    "titok_s128": GeneratorConfig("uvit", 4096, 128, 1000, 1024, 20, 16, 4096),
-    "tiny": GeneratorConfig("imagebert", 1024, 32, 10, 192, 4, 4, 768),
+    "titok_l32": GeneratorConfig(arch="imagebert", codebook_size=4096, seq_len=32),
+    "titok_b64": GeneratorConfig(arch="imagebert", codebook_size=4096, seq_len=64),
+    "titok_s128": GeneratorConfig(
+        arch="uvit",
+        codebook_size=4096,
+        seq_len=128,
+        hidden_size=1024,
+        num_layers=20,
+        mlp_dim=4096,
+    ),
+    "tiny": GeneratorConfig(
+        arch="imagebert",
+        codebook_size=1024,
+        seq_len=32,
+        num_classes=10,
+        hidden_size=192,
+        num_layers=4,
+        num_heads=4,
+        mlp_dim=768,
+    ),
 }
 
 # The official ImageNet settings (released configs + the eval script's softmax annealing), as `generate` kwargs.
-DEFAULT_SAMPLING: dict[str, dict] = {name: dict(kw, softmax_annealing=True) for name, kw in {
-    "titok_l32": dict(num_steps=8, guidance_scale=4.5, guidance_schedule="linear", randomize_temperature=9.5),
-    "titok_b64": dict(num_steps=8, guidance_scale=3.0, guidance_schedule="linear", randomize_temperature=11.0),
-    "titok_s128": dict(num_steps=64, guidance_scale=6.9, guidance_schedule="power-cosine", guidance_pow=3.0,
-                       randomize_temperature=2.8),
-    # tiny: gFID of main.sh's 1,000 samples vs randomize_temperature (guidance 2), on its two-stage models:
-    # 1: 87.8, 2: 72.7, 3: 67.0, 4.5: 67.0, 6: 71.4 (the single-stage ones: 1: 132.6, 2: 111.4, 4.5: 117.9).
-    "tiny": dict(num_steps=8, guidance_scale=2.0, guidance_schedule="linear", randomize_temperature=3.0),
-}.items()}
+DEFAULT_SAMPLING: dict[str, dict] = {
+    name: dict(kw, softmax_annealing=True)
+    for name, kw in {
+        "titok_l32": dict(
+            num_steps=8, guidance_scale=4.5, guidance_schedule="linear", randomize_temperature=9.5
+        ),
+        "titok_b64": dict(
+            num_steps=8, guidance_scale=3.0, guidance_schedule="linear", randomize_temperature=11.0
+        ),
+        "titok_s128": dict(
+            num_steps=64,
+            guidance_scale=6.9,
+            guidance_schedule="power-cosine",
+            guidance_pow=3.0,
+            randomize_temperature=2.8,
+        ),
+        # tiny: chosen on main.sh's held-out statistics (the sweep: docs/main-job.md)
+        "tiny": dict(
+            num_steps=8, guidance_scale=2.0, guidance_schedule="linear", randomize_temperature=3.0
+        ),
+    }.items()
+}
 
 config_to_dict = dataclasses.asdict  # GeneratorConfig -> our checkpoints' "config"
+
 
 def config_from_dict(d: dict) -> GeneratorConfig:
     """Inverse of config_to_dict (our checkpoints' "config"); build_generator checks the values."""
@@ -341,24 +522,35 @@ def config_from_dict(d: dict) -> GeneratorConfig:
     except TypeError as e:  # an unknown field
         raise UserError(f"not a generator config ({e})") from None
 
+
 def config_from_official(cfg: dict) -> GeneratorConfig:
     """The official config (YAML / HF config.json: model.vq_model, model.generator) as ours."""
     try:
         vq, g = cfg["model"]["vq_model"], cfg["model"]["generator"]
         return GeneratorConfig(
-            arch={"ViT": "imagebert", "UViT": "uvit"}[g["model_type"]], codebook_size=int(vq["codebook_size"]),
-            seq_len=int(g["image_seq_len"]), num_classes=int(g["condition_num_classes"]),
+            arch={"ViT": "imagebert", "UViT": "uvit"}[g["model_type"]],
+            codebook_size=int(vq["codebook_size"]),
+            seq_len=int(g["image_seq_len"]),
+            num_classes=int(g["condition_num_classes"]),
             # Early reference versions hard-coded the BERT size (768/24/16/3072) instead of reading it.
-            hidden_size=int(g.get("hidden_size", 768)), num_layers=int(g.get("num_hidden_layers", 24)),
-            num_heads=int(g.get("num_attention_heads", 16)), mlp_dim=int(g.get("intermediate_size", 3072)),
-            dropout=float(g.get("dropout", 0.1)), attn_dropout=float(g.get("attn_drop", 0.1)),
-            class_label_dropout=float(g.get("class_label_dropout", 0.1)))
+            hidden_size=int(g.get("hidden_size", 768)),
+            num_layers=int(g.get("num_hidden_layers", 24)),
+            num_heads=int(g.get("num_attention_heads", 16)),
+            mlp_dim=int(g.get("intermediate_size", 3072)),
+            dropout=float(g.get("dropout", 0.1)),
+            attn_dropout=float(g.get("attn_drop", 0.1)),
+            class_label_dropout=float(g.get("class_label_dropout", 0.1)),
+        )
     except KeyError as e:
-        raise UserError(f"official generator config lacks {e} (expected model.vq_model and "
-                        "model.generator with model_type 'ViT' or 'UViT')") from None
+        raise UserError(
+            f"official generator config lacks {e} (expected model.vq_model and "
+            "model.generator with model_type 'ViT' or 'UViT')"
+        ) from None
+
 
 # ----------------------------------------------------------------------------------------------
 # 7. Loading: official checkpoints (strict) and our own
+
 
 def load_generator(path: str | Path) -> MaskedTokenModel:
     """A generator in eval mode from our checkpoint (EMA weights preferred), an official weights file (.bin /
@@ -368,23 +560,29 @@ def load_generator(path: str | Path) -> MaskedTokenModel:
         try:
             cfg = config_from_official(json.loads((path / "config.json").read_text()))
         except (OSError, json.JSONDecodeError) as e:  # missing, unreadable or not JSON
-            raise UserError(f"{path}: a snapshot folder needs a readable config.json ({e})") from None
+            raise UserError(
+                f"{path}: a snapshot folder needs a readable config.json ({e})"
+            ) from None
         safetensors = path / "model.safetensors"
-        state = read_checkpoint(safetensors if safetensors.is_file() else path / "pytorch_model.bin")
+        state = common.read_checkpoint(
+            safetensors if safetensors.is_file() else path / "pytorch_model.bin"
+        )
     else:
-        state = read_checkpoint(path)
+        state = common.read_checkpoint(path)
         if not isinstance(state, dict):
             raise UserError(f"{path}: not a generator checkpoint")
-        if "kind" in state:      # ours
+        if "kind" in state:  # ours
             preset = state.get("preset")
-            config, state = checkpoint_weights(state, "generator", path)
+            config, state = common.checkpoint_weights(state, "generator", path)
             cfg = config_from_dict(config)
-        else:                    # a bare official state dict: the preset names the architecture
-            if (preset := guess_preset(state, PRESETS, build_generator)) is None:
-                raise UserError(f"{path}: weights match none of the generator presets ({', '.join(PRESETS)}); "
-                                "use a snapshot folder with config.json or a checkpoint with its config")
+        else:  # a bare official state dict: the preset names the architecture
+            if (preset := common.guess_preset(state, PRESETS, build_generator)) is None:
+                raise UserError(
+                    f"{path}: weights match none of the generator presets ({', '.join(PRESETS)}); "
+                    "use a snapshot folder with config.json or a checkpoint with its config"
+                )
             cfg = PRESETS[preset]
     model = build_generator(cfg)
-    load_official_weights(model, state)
-    model.preset = preset or guess_preset(state, PRESETS, build_generator)
+    common.load_official_weights(model, state)
+    model.preset = preset or common.guess_preset(state, PRESETS, build_generator)
     return model.eval().requires_grad_(False)

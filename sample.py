@@ -1,51 +1,85 @@
-"""Sample class-conditional images: a MaskGIT generator draws TiTok tokens (TiTok Sec. 3.4), the tokenizer decodes them.
+"""Sample class-conditional images: a MaskGIT generator draws TiTok tokens (TiTok Sec. 3.4), and
+the tokenizer decodes them.
 
-Evaluation protocol (TiTok Sec. 4.3, after ADM, Dhariwal & Nichol 2021): 50,000 samples, 50 per ImageNet class, official
-settings, in one .npz (uint8 (N, H, W, 3) as `arr_0`); gFID against the reference batch by ADM's evaluator or fid.py.
+The evaluation protocol (TiTok Sec. 4.3, after ADM, Dhariwal & Nichol 2021): 50,000 samples, 50 per
+ImageNet class, the official settings, in one .npz (uint8 (N, H, W, 3) as `arr_0`); gFID against
+the reference batch by ADM's evaluator or fid.py.
 
-  python sample.py --ckpt GEN --tokenizer TOK --classes 207 360 387 --per-class 4 --out grid.png
-  torchrun --nproc_per_node=8 sample.py --ckpt GEN --tokenizer TOK --num-samples 50000 --npz samples.npz
+    python sample.py --ckpt GEN --tokenizer TOK --classes 207 360 387 --per-class 4 --out grid.png
+    torchrun --nproc_per_node=8 sample.py --ckpt GEN --tokenizer TOK --num-samples 50000 \
+        --npz samples.npz
 
-Read first `sample_images` (one batch, tokens then pixels), then `run_npz` (resumable: rerun the same command).
-Batch b draws its noise from its own RNG seeded with (--seed, b), so a resumed run, or one split over processes,
-writes exactly the images of one uninterrupted process. Settings default to the official ones of the preset."""
+Read first `sample_images` (one batch, tokens then pixels), then `run_npz` (resumable: rerun the
+same command). Batch b draws its noise from its own RNG seeded with (--seed, b), so a resumed run,
+or one split over processes, writes exactly the images of one uninterrupted process. The settings
+default to the official ones of the generator's preset.
+"""
+
 from __future__ import annotations
 
-import argparse, inspect, json, math, shutil, time  # noqa: E401
+import argparse
+import functools
+import inspect
+import json
+import math
+import shutil
+import time
 from pathlib import Path
 
-import numpy as np, torch  # noqa: E401
+import numpy as np
+import torch
 from tqdm import tqdm
 
-import generator, tokenizer  # noqa: E401
-from tokenizer import Parser, UserError, float_in, image_grid, one_line_errors, positive_int, write_atomic
-from train_tok import Dist, barrier, distributed, sha256_of
+import common
+import generator
+import tokenizer
+from common import UserError
 
 # 1. One batch: token ids from the generator, then pixels from the tokenizer.
 
+
 @torch.no_grad()
-def sample_images(model: torch.nn.Module, tok: tokenizer.TiTok, labels: list[int], settings: dict,
-                  seed: int, device: torch.device, dtype: str) -> np.ndarray:
+def sample_images(
+    model: torch.nn.Module,
+    tok: tokenizer.TiTok,
+    labels: list[int],
+    settings: dict,
+    seed: int,
+    device: torch.device,
+    dtype: str,
+) -> np.ndarray:
     """Class ids -> uint8 images (B, H, W, 3); bf16: generator.cast_matmuls (in main) + autocast."""
     rng = torch.Generator(device=device).manual_seed(seed)
-    y = torch.tensor(labels, dtype=torch.long, device=device)                       # (B,)
-    ids = generator.generate(model, y, **settings, generator=rng)                  # (B, K) token ids
-    with tokenizer.autocast(device, dtype):
-        images = tok.decode_tokens(ids).float()                                     # (B, 3, H, W)
+    y = torch.tensor(labels, dtype=torch.long, device=device)  # (B,)
+    ids = generator.generate(model, y, **settings, generator=rng)  # (B, K) token ids
+    with common.autocast(device, dtype):
+        images = tok.decode_tokens(ids).float()  # (B, 3, H, W)
     # The official sampler clamps to [0, 1], scales by 255 and TRUNCATES to uint8 (not the rounding
     # of tokenizer.to_uint8): the published gFIDs were measured on these pixels, so we do the same.
     return (images.clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
+
+def sample_batch(model, tok, labels: list[int], settings: dict, args, device, b: int) -> np.ndarray:
+    """Batch b of the run: its labels, and its own RNG, seeded distinctly for every (--seed, b)
+    with fewer than 10**6 batches."""
+    batch_labels = labels[b * args.batch_size : (b + 1) * args.batch_size]
+    seed = args.seed * 1_000_003 + b
+    return sample_images(model, tok, batch_labels, settings, seed, device, args.dtype)
+
+
 # 2. A picture: one row per class.
 
-def run_grid(args, sample, labels: list[int], settings: dict, d: Dist) -> None:
+
+def run_grid(args, sample, labels: list[int], settings: dict, d: common.Dist) -> None:
     start = time.perf_counter()
     images = np.concatenate([sample(b) for b in range(math.ceil(len(labels) / args.batch_size))])
-    x = torch.from_numpy(images).permute(0, 3, 1, 2) / 255.0                 # (N, 3, H, W), exact in [0, 1]
-    tokenizer.save_image(image_grid(x, args.per_class), args.out)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2) / 255.0  # (N, 3, H, W), exact in [0, 1]
+    common.save_image(common.image_grid(x, args.per_class), args.out)
     print(f"wrote {args.out}: {len(x)} images in {time.perf_counter() - start:.1f} s")
 
+
 # 3. The evaluation protocol: --num-samples images into one .npz, resumable, over torchrun ranks.
+
 
 def stored_fingerprint(path: Path) -> str | None:
     try:
@@ -53,18 +87,28 @@ def stored_fingerprint(path: Path) -> str | None:
     except Exception:  # unreadable, or not made by this script: refused like another run's file
         return None
 
-def run_npz(args, sample, labels: list[int], settings: dict, d: Dist) -> None:
+
+def run_npz(args, sample, labels: list[int], settings: dict, d: common.Dist) -> None:
     """Rank r samples batches b = r, r + world, ... into `<npz>.shards/<b>.npy`, skipping finished
     ones (that is the resume); rank 0 then joins them into the .npz and removes the shards."""
     out, shards, start = args.npz, Path(f"{args.npz}.shards"), time.perf_counter()
     # Everything the samples depend on; the models by CONTENT (retrained at the same path: another model).
-    fp = {"generator_sha256": sha256_of(args.ckpt), "tokenizer_sha256": sha256_of(args.tokenizer),
-          "num_samples": args.num_samples, "batch_size": args.batch_size, "seed": args.seed,
-          "classes": args.classes, "dtype": args.dtype, "settings": settings}
+    fp = {
+        "generator_sha256": common.sha256_of(args.ckpt),
+        "tokenizer_sha256": common.sha256_of(args.tokenizer),
+        "num_samples": args.num_samples,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "classes": args.classes,
+        "dtype": args.dtype,
+        "settings": settings,
+    }
     stamp, key = shards / "fingerprint.json", json.dumps(fp, sort_keys=True)
     if bad := [p for p in (out, stamp) if p.exists() and stored_fingerprint(p) != key]:
-        raise UserError(f"{bad[0]} was made by another generator/tokenizer or settings; "
-                        "delete it or choose another --npz")
+        raise UserError(
+            f"{bad[0]} was made by another generator/tokenizer or settings; "
+            "delete it or choose another --npz"
+        )
     if out.exists():
         if d.is_main:
             shutil.rmtree(shards, ignore_errors=True)  # left over when killed right after the join
@@ -74,26 +118,39 @@ def run_npz(args, sample, labels: list[int], settings: dict, d: Dist) -> None:
     todo = [b for b in range(num_batches) if not shard(b).exists()]  # listed before anyone samples
     if d.is_main:
         shards.mkdir(parents=True, exist_ok=True)
-        write_atomic(stamp, lambda f: f.write(key.encode()))
+        common.write_atomic(stamp, lambda f: f.write(key.encode()))
         if todo != list(range(num_batches)):
             print(f"resuming: {num_batches - len(todo)}/{num_batches} batches already in {shards}")
-    barrier()  # the stamp is written before any shard
+    common.barrier()  # the stamp is written before any shard
     mine = [b for b in todo if b % d.world == d.rank]
-    for b in tqdm(mine, desc=f"sampling ({d.world} process{'es' if d.world > 1 else ''})", disable=not d.is_main):
+    for b in tqdm(
+        mine,
+        desc=f"sampling ({d.world} process{'es' if d.world > 1 else ''})",
+        disable=not d.is_main,
+    ):
         images = sample(b)
-        write_atomic(shard(b), lambda f: np.save(f, images))
-    barrier()  # every shard is written
+        common.write_atomic(shard(b), lambda f: np.save(f, images))
+    common.barrier()  # every shard is written
     if not d.is_main:
         return
     # All samples in memory once (the shards are memory-mapped): 9.8 GB for 50k at 256 px, as ADM/DiT.
     images = np.concatenate([np.load(shard(b), mmap_mode="r") for b in range(num_batches)])
-    write_atomic(out, lambda f: np.savez(f, arr_0=images, labels=np.asarray(labels), fingerprint=np.array(key)))
+    common.write_atomic(
+        out,
+        lambda f: np.savez(f, arr_0=images, labels=np.asarray(labels), fingerprint=np.array(key)),
+    )
     shutil.rmtree(shards)
     summary = dict(fp, wall_s=round(time.perf_counter() - start, 1), processes=d.world)
-    write_atomic(out.with_suffix(".json"), lambda f: f.write(json.dumps(summary, indent=1).encode()))
-    print(f"wrote {out}: {len(images)} samples (arr_0 uint8 {images.shape}, labels), {out.with_suffix('.json')}")
+    common.write_atomic(
+        out.with_suffix(".json"), lambda f: f.write(json.dumps(summary, indent=1).encode())
+    )
+    print(
+        f"wrote {out}: {len(images)} samples (arr_0 uint8 {images.shape}, labels), {out.with_suffix('.json')}"
+    )
+
 
 # 4. Command line.
+
 
 def output_file(s: str) -> Path:
     """argparse type: a file to write, not a folder (checked before any sampling; missing folders are made)."""
@@ -101,59 +158,120 @@ def output_file(s: str) -> Path:
         raise argparse.ArgumentTypeError(f"{s} is a folder; give a file name")
     return Path(s)
 
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = Parser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", required=True, help="generator: our checkpoint, official .bin/.safetensors, HF folder")
+    p = common.Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--ckpt",
+        required=True,
+        help="generator: our checkpoint, official .bin/.safetensors, HF folder",
+    )
     p.add_argument("--tokenizer", required=True, help="tokenizer: likewise")
-    p.add_argument("--classes", type=int, nargs="+", help="class ids (grid: the first 8; --npz: all, cycled)")
-    p.add_argument("--per-class", type=positive_int, default=4, help="grid: images per class (one row each)")
+    p.add_argument(
+        "--classes", type=int, nargs="+", help="class ids (grid: the first 8; --npz: all, cycled)"
+    )
+    p.add_argument(
+        "--per-class",
+        type=common.positive_int,
+        default=4,
+        help="grid: images per class (one row each)",
+    )
     p.add_argument("--out", type=output_file, default="grid.png", help="grid: output .png")
-    p.add_argument("--num-samples", type=positive_int, help="evaluation: number of samples (with --npz)")
-    p.add_argument("--npz", type=output_file, help="evaluation: output .npz (arr_0 uint8 (N, H, W, 3), labels)")
+    p.add_argument(
+        "--num-samples", type=common.positive_int, help="evaluation: number of samples (with --npz)"
+    )
+    p.add_argument(
+        "--npz", type=output_file, help="evaluation: output .npz (arr_0 uint8 (N, H, W, 3), labels)"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=positive_int, default=32, help="part of the seed layout: keep it to resume")
-    p.add_argument("--device", type=tokenizer.device_arg, help="cpu, cuda, cuda:N (default: cuda if any)")
+    p.add_argument(
+        "--batch-size",
+        type=common.positive_int,
+        default=32,
+        help="part of the seed layout: keep it to resume",
+    )
+    p.add_argument(
+        "--device", type=common.device_arg, help="cpu, cuda, cuda:N (default: cuda if any)"
+    )
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    s = p.add_argument_group("sampling (default: generator.DEFAULT_SAMPLING of the generator's preset)")
-    s.add_argument("--num-steps", type=positive_int)
-    s.add_argument("--guidance-scale", type=float_in(0, 100))
+    s = p.add_argument_group(
+        "sampling (default: generator.DEFAULT_SAMPLING of the generator's preset)"
+    )
+    s.add_argument("--num-steps", type=common.positive_int)
+    s.add_argument("--guidance-scale", type=common.float_in(0, 100))
     s.add_argument("--guidance-schedule", choices=("constant", "linear", "power-cosine"))
-    s.add_argument("--guidance-pow", type=float_in(0, 100), help="exponent of the power-cosine schedule")
-    s.add_argument("--temperature", type=float_in(1e-3, 100), help="constant softmax temperature (1 = off)")
-    s.add_argument("--randomize-temperature", type=float_in(0, 100), help="Gumbel noise scale (0 = greedy)")
+    s.add_argument(
+        "--guidance-pow", type=common.float_in(0, 100), help="exponent of the power-cosine schedule"
+    )
+    s.add_argument(
+        "--temperature",
+        type=common.float_in(1e-3, 100),
+        help="constant softmax temperature (1 = off)",
+    )
+    s.add_argument(
+        "--randomize-temperature",
+        type=common.float_in(0, 100),
+        help="Gumbel noise scale (0 = greedy)",
+    )
     s.add_argument("--softmax-annealing", action=argparse.BooleanOptionalAction)
-    s.add_argument("--mask-schedule", choices=("arccos", "cosine", "linear"), default="arccos",
-                   help="share of tokens still masked after each step (MaskGIT Sec. 3.3)")
+    s.add_argument(
+        "--mask-schedule",
+        choices=("arccos", "cosine", "linear"),
+        default="arccos",
+        help="share of tokens still masked after each step (MaskGIT Sec. 3.3)",
+    )
     args = p.parse_args(argv)
     if (args.num_samples is None) != (args.npz is None) or (args.npz and args.npz.suffix != ".npz"):
         p.error("--num-samples and --npz (a file name ending in .npz) go together")
     return args
 
+
 def main(argv: list[str] | None = None) -> None:
-    # (a long collective timeout: ranks may finish their shares of --npz hours apart)
-    with one_line_errors(), distributed((args := parse_args(argv)).device, timeout_hours=24) as d:
-        if d.world > 1 and args.npz is None:
-            raise UserError("a grid is sampled by one process; use --npz with torchrun")
-        model, tok = generator.load_generator(args.ckpt), tokenizer.load_tokenizer(args.tokenizer).to(d.device)
-        c = tok.config  # the generator's ids index the tokenizer's codebook (a VAE's codebook size is 0)
-        if (c.num_latent_tokens, c.codebook_size) != (model.seq_len, model.codebook_size):
-            raise UserError(f"tokenizer ({c.num_latent_tokens} tokens, codebook {c.codebook_size}) does not "
-                            f"match the generator ({model.seq_len} tokens, codebook {model.codebook_size})")
-        n, bs = model.num_classes, args.batch_size
-        classes = args.classes or list(range(n if args.npz else min(n, 8)))
-        if bad := [k for k in classes if not 0 <= k < n]:
-            raise UserError(f"class ids {bad} are out of range: this generator knows classes 0..{n - 1}")
-        # --npz: sample i has class i % C (class-balanced); grid: one row per class
-        labels = ([classes[i % len(classes)] for i in range(args.num_samples)] if args.npz
-                  else [k for k in classes for _ in range(args.per_class)])
-        settings = dict(generator.DEFAULT_SAMPLING.get(model.preset, {}))  # then the flags given
-        settings.update({k: v for k, v in vars(args).items()
-                         if k in inspect.signature(generator.generate).parameters and v is not None})
-        model = (generator.cast_matmuls(model) if args.dtype == "bf16" else model).to(d.device)
-        # batch b: its own RNG, seeded distinctly for every (--seed, b) with fewer than 10**6 batches
-        sample = lambda b: sample_images(model, tok, labels[b * bs:(b + 1) * bs], settings,  # noqa: E731
-                                         args.seed * 1_000_003 + b, d.device, args.dtype)
-        (run_npz if args.npz else run_grid)(args, sample, labels, settings, d)
+    with common.one_line_errors():
+        args = parse_args(argv)
+        # A long collective timeout: ranks may finish their shares of --npz hours apart.
+        with common.distributed(args.device, timeout_hours=24) as d:
+            draw_samples(args, d)
+
+
+def draw_samples(args: argparse.Namespace, d: common.Dist) -> None:
+    if d.world > 1 and args.npz is None:
+        raise UserError("a grid is sampled by one process; use --npz with torchrun")
+    model = generator.load_generator(args.ckpt)
+    tok = tokenizer.load_tokenizer(args.tokenizer).to(d.device)
+    # The generator's ids index the tokenizer's codebook (a VAE's codebook size is 0).
+    c = tok.config
+    if (c.num_latent_tokens, c.codebook_size) != (model.seq_len, model.codebook_size):
+        raise UserError(
+            f"tokenizer ({c.num_latent_tokens} tokens, codebook {c.codebook_size}) does not "
+            f"match the generator ({model.seq_len} tokens, codebook {model.codebook_size})"
+        )
+    n = model.num_classes
+    classes = args.classes or list(range(n if args.npz else min(n, 8)))
+    bad = [k for k in classes if not 0 <= k < n]
+    if bad:
+        raise UserError(
+            f"class ids {bad} are out of range: this generator knows classes 0..{n - 1}"
+        )
+    if args.npz:  # sample i has class i % C: class-balanced
+        labels = [classes[i % len(classes)] for i in range(args.num_samples)]
+    else:  # one row per class
+        labels = [k for k in classes for _ in range(args.per_class)]
+
+    # The preset's official settings, then the flags given.
+    settings = dict(generator.DEFAULT_SAMPLING.get(model.preset, {}))
+    for k in inspect.signature(generator.generate).parameters:
+        if getattr(args, k, None) is not None:
+            settings[k] = getattr(args, k)
+    if args.dtype == "bf16":
+        model = generator.cast_matmuls(model)
+    model = model.to(d.device)
+    batch = functools.partial(sample_batch, model, tok, labels, settings, args, d.device)
+    if args.npz:
+        run_npz(args, batch, labels, settings, d)
+    else:
+        run_grid(args, batch, labels, settings, d)
+
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,7 @@
 """The timing helper every `tests/bench_*.py` shares (benchmarks are run by hand, never by pytest):
 wall time after a warm-up, FLOPs counted by torch, and this machine's dense-matmul peak, so each
 table can say how close to the hardware limit a part runs."""
+
 import time
 
 import torch
@@ -18,6 +19,7 @@ def timeit(fn, repeats: int = 2) -> float:
 def flops(fn) -> float:
     """Floating-point operations of one call of fn(), as torch's FlopCounterMode counts them."""
     from torch.utils.flop_counter import FlopCounterMode
+
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
@@ -25,22 +27,30 @@ def flops(fn) -> float:
 
 def matmul_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, device: str = "cpu") -> float:
     """Measured dense matmul throughput (GFLOP/s): the roofline of the transformer parts."""
-    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    a, b = (
+        torch.randn(n, n, dtype=dtype, device=device),
+        torch.randn(n, n, dtype=dtype, device=device),
+    )
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    return 2 * n ** 3 / timeit(lambda: (a @ b, sync()), 5) / 1e9
+    return 2 * n**3 / timeit(lambda: (a @ b, sync()), 5) / 1e9
 
 
 def bench_parser(doc: str, presets, repeats: int = 2, **preset_kw):
     """The flags every benchmark shares: --preset, --batch-size, --repeats, --device (cpu by default)."""
     import argparse
-    import tokenizer as T
+
+    import common
+
     p = argparse.ArgumentParser(description=doc)
     p.add_argument("--preset", choices=list(presets), **preset_kw)
-    p.add_argument("--batch-size", type=T.positive_int, default=8)
-    p.add_argument("--repeats", type=T.positive_int, default=repeats)
-    p.add_argument("--device", type=T.device_arg, default=torch.device("cpu"))
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
-                   help="also time bf16 (default: only where the hardware computes it natively)")
+    p.add_argument("--batch-size", type=common.positive_int, default=8)
+    p.add_argument("--repeats", type=common.positive_int, default=repeats)
+    p.add_argument("--device", type=common.device_arg, default=torch.device("cpu"))
+    p.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        help="also time bf16 (default: only where the hardware computes it natively)",
+    )
     return p
 
 

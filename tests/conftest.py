@@ -1,9 +1,9 @@
 """Shared test fixtures (pytest loads this file itself): small checkpoints, token folders and FID weights
 that several test files build the same way."""
+
 import dataclasses
 import json
 import os
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import fid  # noqa: E402
-import generator as G  # noqa: E402
-import tokenizer as T  # noqa: E402
+import fid
+import generator as G
+import tokenizer as T
 
 SHARED = os.environ.get("TITOK_SHARED")
 PARITY = Path(SHARED) / "parity" if SHARED else None
@@ -35,25 +34,50 @@ def tiny_tokenizer(codebook_size: int = 1024) -> T.TiTok:
 
 
 def save_tokenizer(tok: T.TiTok, path: Path) -> Path:
-    torch.save({"kind": "tokenizer", "config": dataclasses.asdict(tok.config), "model": tok.state_dict(),
-                "ema": None}, path)
+    torch.save(
+        {
+            "kind": "tokenizer",
+            "config": dataclasses.asdict(tok.config),
+            "model": tok.state_dict(),
+            "ema": None,
+        },
+        path,
+    )
     return path
 
 
 def save_generator(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     gen = G.build_generator(G.PRESETS["tiny"])
-    with torch.no_grad():  # unit-gain weights: confident, varied logits instead of nearly uniform ones
+    with (
+        torch.no_grad()
+    ):  # unit-gain weights: confident, varied logits instead of nearly uniform ones
         for p in gen.parameters():
             if p.ndim == 2:
                 p.normal_(0, p.shape[1] ** -0.5)
-    torch.save({"kind": "generator", "preset": "tiny", "config": G.config_to_dict(gen.config),
-                "model": gen.state_dict(), "ema": None, "step": 0}, path)
+    torch.save(
+        {
+            "kind": "generator",
+            "preset": "tiny",
+            "config": G.config_to_dict(gen.config),
+            "model": gen.state_dict(),
+            "ema": None,
+            "step": 0,
+        },
+        path,
+    )
     return path
 
 
-def make_tokens(folder: Path, n: int = 64, codebook: int = 1024, k: int = 32, classes: int = 10,
-                label_max: int | None = None, seed: int = 0) -> Path:
+def make_tokens(
+    folder: Path,
+    n: int = 64,
+    codebook: int = 1024,
+    k: int = 32,
+    classes: int = 10,
+    label_max: int | None = None,
+    seed: int = 0,
+) -> Path:
     """A token folder as `tokenize` writes it, with random ids."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -62,16 +86,31 @@ def make_tokens(folder: Path, n: int = 64, codebook: int = 1024, k: int = 32, cl
     np.save(folder / "labels.npy", labels.astype(np.int16))
     np.save(folder / "heldout_tokens.npy", rng.integers(0, codebook, (8, k)).astype(np.uint16))
     np.save(folder / "heldout_labels.npy", (np.arange(8) % classes).astype(np.int16))
-    (folder / "meta.json").write_text(json.dumps({"codebook_size": codebook, "num_tokens": k, "num_classes": classes,
-                                                  "train": n, "heldout": 8, "tokenizer": "none", "data": "random"}))
+    (folder / "meta.json").write_text(
+        json.dumps(
+            {
+                "codebook_size": codebook,
+                "num_tokens": k,
+                "num_classes": classes,
+                "train": n,
+                "heldout": 8,
+                "tokenizer": "none",
+                "data": "random",
+            }
+        )
+    )
     return folder
 
 
 @pytest.fixture(scope="module")
 def helpers() -> SimpleNamespace:
     """The builders above, for test files (they are functions, not fixtures: tests call them with arguments)."""
-    return SimpleNamespace(tiny_tokenizer=tiny_tokenizer, save_tokenizer=save_tokenizer,
-                           save_generator=save_generator, make_tokens=make_tokens)
+    return SimpleNamespace(
+        tiny_tokenizer=tiny_tokenizer,
+        save_tokenizer=save_tokenizer,
+        save_generator=save_generator,
+        make_tokens=make_tokens,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +121,12 @@ def random_weights(tmp_path_factory):
         return PARITY / "fid_inception_random.pt"
     torch.manual_seed(0)
     net = fid.FIDInceptionV3()
-    for m in net.modules():  # He init keeps the activations alive through ~90 ReLU layers (the default
-        if isinstance(m, torch.nn.Conv2d):  # init shrinks them to 0: every image, the same features)
+    for (
+        m
+    ) in net.modules():  # He init keeps the activations alive through ~90 ReLU layers (the default
+        if isinstance(
+            m, torch.nn.Conv2d
+        ):  # init shrinks them to 0: every image, the same features)
             torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
     path = tmp_path_factory.mktemp("weights") / "random_inception.pth"
     torch.save({k: v.half() for k, v in net.state_dict().items()}, path)

@@ -1,16 +1,14 @@
 """Where a trained tokenizer's tokens depend on computing exactly what the official code computes:
 the nearest-code search in fp32 under bf16 autocast, and the official initialisation of every
 parameter group (modeling/titok.py `_init_weights`, modules/blocks.py, quantizer/quantizer.py)."""
+
 import dataclasses
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import tokenizer as T  # noqa: E402
+import tokenizer as T
 
 
 def near_tie_model() -> T.TiTok:
@@ -20,7 +18,7 @@ def near_tie_model() -> T.TiTok:
     torch.manual_seed(0)
     tok = T.TiTok(T.PRESETS["tiny"]).eval()
     C = tok.config.token_size
-    z = torch.linspace(-1, 1, C).to(torch.bfloat16).float()                # exactly representable
+    z = torch.linspace(-1, 1, C).to(torch.bfloat16).float()  # exactly representable
     conv = tok.encoder.conv_out
     with torch.no_grad():
         conv.weight.zero_()
@@ -28,10 +26,10 @@ def near_tie_model() -> T.TiTok:
         u = torch.nn.functional.normalize(z, dim=0)
         perp = torch.nn.functional.normalize(torch.randn(C) - (torch.randn(C) @ u) * u, dim=0)
         perp = torch.nn.functional.normalize(perp - (perp @ u) * u, dim=0)
-        winner, loser = u + 1e-3 * perp, u + 2e-3 * perp                  # cos 1-5e-7 vs 1-2e-6
+        winner, loser = u + 1e-3 * perp, u + 2e-3 * perp  # cos 1-5e-7 vs 1-2e-6
         tok.quantize.embedding.weight[0] = loser
         tok.quantize.embedding.weight[1] = winner
-        tok.quantize.embedding.weight[2:] = -u                             # every other code far away
+        tok.quantize.embedding.weight[2:] = -u  # every other code far away
     return tok
 
 
@@ -39,7 +37,7 @@ def test_nearest_code_search_is_fp32_under_bf16_autocast():
     tok = near_tie_model()
     x = torch.rand(2, 3, 32, 32)
     fp32 = tok.encode(x)
-    assert (fp32 == 1).all()                                               # the model is what we meant
+    assert (fp32 == 1).all()  # the model is what we meant
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf16 = tok.encode(x)
     assert torch.equal(bf16, fp32), "bf16 autocast changed the chosen codes"
@@ -47,14 +45,21 @@ def test_nearest_code_search_is_fp32_under_bf16_autocast():
 
 def test_vqgan_code_search_is_fp32_under_bf16_autocast():
     torch.manual_seed(0)
-    v = T.MaskGITVQGAN(T.VQGANConfig(hidden_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                                     z_channels=32, num_embeddings=64)).eval()
+    v = T.MaskGITVQGAN(
+        T.VQGANConfig(
+            hidden_channels=32,
+            channel_mult=(1, 2),
+            num_res_blocks=1,
+            z_channels=32,
+            num_embeddings=64,
+        )
+    ).eval()
     x = torch.rand(2, 3, 16, 16)
-    z = v.encoder(x)                                                       # (2, 32, 8, 8)
-    with torch.no_grad():                                                  # a near-twin of every 3rd latent
+    z = v.encoder(x)  # (2, 32, 8, 8)
+    with torch.no_grad():  # a near-twin of every 3rd latent
         flat = z.permute(0, 2, 3, 1).reshape(-1, 32)[::3][:64]
-        v.quantize.embedding.weight[:flat.shape[0]] = flat * (1 + 1e-4)
-        v.quantize.embedding.weight[flat.shape[0]:] = flat.mean(0) * 0.5
+        v.quantize.embedding.weight[: flat.shape[0]] = flat * (1 + 1e-4)
+        v.quantize.embedding.weight[flat.shape[0] :] = flat.mean(0) * 0.5
     with torch.autocast("cpu", dtype=torch.bfloat16):
         z16 = v.encoder(x)
     # The same latents through both searches: only the search's precision may differ.
@@ -91,6 +96,11 @@ def test_initialisation_matches_the_official_code():
         if isinstance(m, torch.nn.LayerNorm):
             assert (m.weight == 1).all() and (m.bias == 0).all(), name
     # Tokens and positions: scale * randn with scale = width ** -0.5 (modules/blocks.py).
-    for p in (tok.latent_tokens, tok.encoder.positional_embedding, tok.decoder.positional_embedding,
-              tok.encoder.latent_token_positional_embedding, tok.decoder.mask_token):
-        assert stats(p)[0] == pytest.approx(W ** -0.5, rel=0.15)
+    for p in (
+        tok.latent_tokens,
+        tok.encoder.positional_embedding,
+        tok.decoder.positional_embedding,
+        tok.encoder.latent_token_positional_embedding,
+        tok.decoder.mask_token,
+    ):
+        assert stats(p)[0] == pytest.approx(W**-0.5, rel=0.15)

@@ -1,22 +1,25 @@
 """generator.py against the official reference (the imagebert_tiny / uvitbert_tiny fixtures and the
 losses fixture, see $TITOK_SHARED/parity/README.md), the released key layouts and the loaders."""
+
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import common
+import generator as G
+from common import UserError, read_safetensors
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import generator as G  # noqa: E402
-from tokenizer import UserError, read_safetensors  # noqa: E402
 
 SHARED = os.environ.get("TITOK_SHARED")
 LOCAL = Path(__file__).parent / "fixtures"
-FIXTURES = ([Path(SHARED) / "parity"] if SHARED else []) + [LOCAL]  # shared/ first, else tests/fixtures
+FIXTURES = ([Path(SHARED) / "parity"] if SHARED else []) + [
+    LOCAL
+]  # shared/ first, else tests/fixtures
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -35,15 +38,17 @@ def case_files(name: str):
     for folder in FIXTURES:
         if (folder / f"{name}.json").is_file():
             weights = folder / f"{name}.weights.safetensors"
-            return (json.loads((folder / f"{name}.json").read_text()),
-                    read_safetensors(weights) if weights.is_file() else None,
-                    read_safetensors(folder / f"{name}.io.safetensors"))
+            return (
+                json.loads((folder / f"{name}.json").read_text()),
+                read_safetensors(weights) if weights.is_file() else None,
+                read_safetensors(folder / f"{name}.io.safetensors"),
+            )
     pytest.skip(f"parity case {name} needs TITOK_SHARED=<path to shared/> (not in tests/fixtures)")
 
 
 def build(meta, weights):
     model = G.build_generator(G.config_from_official(meta["config"]))
-    G.load_official_weights(model, weights)
+    common.load_official_weights(model, weights)
     return model.eval()
 
 
@@ -58,7 +63,9 @@ CASES = ["imagebert_tiny", "uvitbert_tiny"]
 def test_logits_match_reference(name):
     meta, weights, io = case_files(name)
     model = build(meta, weights)
-    assert type(model).__name__ == {"imagebert_tiny": "ImageBert", "uvitbert_tiny": "UViTBert"}[name]
+    assert (
+        type(model).__name__ == {"imagebert_tiny": "ImageBert", "uvitbert_tiny": "UViTBert"}[name]
+    )
     ids, y = io["input_ids"], io["class_labels"]
     with torch.no_grad():
         assert_close(model(ids, y), io["logits_cond"])
@@ -69,17 +76,25 @@ def test_logits_match_reference(name):
 def sampling_runs():
     for name in CASES:
         meta_file = next((f for f in FIXTURES if (f / f"{name}.json").is_file()), None)
-        runs = json.loads((meta_file / f"{name}.json").read_text())["sampling_runs"] if meta_file else {}
+        runs = (
+            json.loads((meta_file / f"{name}.json").read_text())["sampling_runs"]
+            if meta_file
+            else {}
+        )
         for run in runs:
             yield pytest.param(name, run, id=f"{name}-{run}")
 
 
 def generate_kwargs(run: dict) -> dict:
     kw = run["generate_kwargs"]
-    return dict(num_steps=kw["num_sample_steps"], guidance_scale=kw["guidance_scale"],
-                guidance_schedule=kw["guidance_decay"], guidance_pow=kw.get("guidance_scale_pow", 3.0),
-                randomize_temperature=kw["randomize_temperature"],
-                softmax_annealing=kw["softmax_temperature_annealing"])
+    return dict(
+        num_steps=kw["num_sample_steps"],
+        guidance_scale=kw["guidance_scale"],
+        guidance_schedule=kw["guidance_decay"],
+        guidance_pow=kw.get("guidance_scale_pow", 3.0),
+        randomize_temperature=kw["randomize_temperature"],
+        softmax_annealing=kw["softmax_temperature_annealing"],
+    )
 
 
 @pytest.mark.parametrize("name,run_name", list(sampling_runs()))
@@ -125,6 +140,7 @@ def test_seeded_sampling_reproduces_reference_ids(name, run_name):
 class TiedLogits(torch.nn.Module):
     """Stub generator: row 0 has distinct logits per position, every other row is all ties, so
     rows re-mask different numbers of tokens. Records the masked count per row at each call."""
+
     seq_len, codebook_size, mask_id, num_classes, null_label = 8, 4, 4, 10, 10
 
     def __init__(self):
@@ -141,13 +157,17 @@ class TiedLogits(torch.nn.Module):
 def test_mask_count_follows_batch_row_0():
     """Reference quirk: each step's re-mask count is bounded by batch row 0's masked count."""
     stub = TiedLogits()
-    G.generate(stub, torch.tensor([0, 1]), num_steps=16, guidance_scale=0.0, randomize_temperature=0.0)
+    G.generate(
+        stub, torch.tensor([0, 1]), num_steps=16, guidance_scale=0.0, randomize_temperature=0.0
+    )
     row0, n = [8], 8
     for step in range(15):
         n = max(1, min(n - 1, math.floor(8 * math.acos((step + 1) / 16) / (math.pi / 2))))
         row0.append(n)
     assert [c[0] for c in stub.counts] == row0
-    assert all(c[1] == 8 for c in stub.counts)  # all-tied row: everything <= the cut-off is re-masked
+    assert all(
+        c[1] == 8 for c in stub.counts
+    )  # all-tied row: everything <= the cut-off is re-masked
 
 
 def test_batched_guidance_equals_two_forwards_and_draws_like_the_reference():
@@ -160,8 +180,10 @@ def test_batched_guidance_equals_two_forwards_and_draws_like_the_reference():
         both = model(torch.cat([ids, ids]), torch.cat([y, null]))
         assert_close(both[:4], cond)
         assert_close(both[4:], uncond)
-        for schedule, scale, want in [("linear", 2.5, cond + (cond - uncond) * 2.5),
-                                      ("power-cosine", 2.5, uncond + (cond - uncond) * 2.5)]:
+        for schedule, scale, want in [
+            ("linear", 2.5, cond + (cond - uncond) * 2.5),
+            ("power-cosine", 2.5, uncond + (cond - uncond) * 2.5),
+        ]:
             rng = torch.Generator().manual_seed(7)
             assert_close(G.guided_logits(model, ids, y, scale, schedule, rng), want)
             # two label-dropout draws of B values, as the reference's two forward calls
@@ -193,7 +215,9 @@ def test_training_masking_matches_reference():
     masked, mask = G.mask_tokens(tokens, "arccos", mask_id=64)
     assert torch.equal(mask, io["train_mask_mask"])
     assert torch.equal(masked, io["train_mask_output"])
-    masked, mask = G.mask_tokens(tokens, "arccos", mask_id=64, generator=torch.Generator().manual_seed(1002))
+    masked, mask = G.mask_tokens(
+        tokens, "arccos", mask_id=64, generator=torch.Generator().manual_seed(1002)
+    )
     assert torch.equal(masked, io["train_mask_output"])
 
 
@@ -201,12 +225,20 @@ def test_mask_schedules():
     r = torch.tensor([0.0, 0.5, 1.0])
     for schedule in ("arccos", "cosine", "linear"):
         g = G.mask_ratio(r, schedule)
-        assert g[0] == 1 and abs(g[2]) < 1e-7 and 0 < g[1] < 1     # all masked -> none masked
+        assert g[0] == 1 and abs(g[2]) < 1e-7 and 0 < g[1] < 1  # all masked -> none masked
         assert abs(G.mask_ratio(0.5, schedule) - g[1].item()) < 1e-6  # float and tensor agree
-    assert abs(G.mask_ratio(0.5, "arccos") - 2 / 3) < 1e-12         # arccos(1/2) = pi/3
-    assert abs(G.mask_ratio(0.5, "cosine") - 0.5 ** 0.5) < 1e-12
-    counts = G.mask_tokens(torch.zeros(4000, 16, dtype=torch.long), "linear", mask_id=1,
-                           generator=torch.Generator().manual_seed(0))[1].sum(1).float()
+    assert abs(G.mask_ratio(0.5, "arccos") - 2 / 3) < 1e-12  # arccos(1/2) = pi/3
+    assert abs(G.mask_ratio(0.5, "cosine") - 0.5**0.5) < 1e-12
+    counts = (
+        G.mask_tokens(
+            torch.zeros(4000, 16, dtype=torch.long),
+            "linear",
+            mask_id=1,
+            generator=torch.Generator().manual_seed(0),
+        )[1]
+        .sum(1)
+        .float()
+    )
     assert counts.min() >= 1 and abs(counts.mean().item() - 8.0) < 0.3  # E[round(16 * U)] ~ 8
 
 
@@ -218,7 +250,9 @@ def test_masked_token_loss_matches_reference():
     # accuracy counts masked positions only
     logits = torch.zeros(1, 4, 3)
     logits[0, [0, 1, 2, 3], [0, 1, 2, 0]] = 5.0
-    _, acc = G.masked_token_loss(logits, torch.tensor([[0, 1, 0, 1]]), torch.tensor([[True, True, True, False]]))
+    _, acc = G.masked_token_loss(
+        logits, torch.tensor([[0, 1, 0, 1]]), torch.tensor([[True, True, True, False]])
+    )
     assert abs(acc.item() - 2 / 3) < 1e-6
 
 
@@ -243,7 +277,12 @@ def test_presets_match_released_key_layout(preset):
     assert ours == real["state_dict"]
     count = json.loads((folder / "index.json").read_text())[f"generator_{preset}"]["num_parameters"]
     assert sum(v.numel() for v in model.state_dict().values()) == count
-    official = {"model": {"vq_model": {"codebook_size": real["codebook_size"]}, "generator": real["generator"]}}
+    official = {
+        "model": {
+            "vq_model": {"codebook_size": real["codebook_size"]},
+            "generator": real["generator"],
+        }
+    }
     assert G.config_from_official(official) == G.PRESETS[preset]
     g = real["generator"]
     assert G.DEFAULT_SAMPLING[preset]["num_steps"] == g["num_steps"]
@@ -260,12 +299,12 @@ def test_strict_load_errors_name_the_keys():
     bad["extra.weight"] = torch.zeros(1)
     bad["lm_head.bias"] = torch.zeros(65)
     with pytest.raises(UserError) as e:
-        G.load_official_weights(model, bad)
+        common.load_official_weights(model, bad)
     msg = str(e.value)
     assert "mid_block.attn.qkv.weight" in msg and "extra.weight" in msg and "lm_head.bias" in msg
     assert "\n" not in msg
     with pytest.raises(UserError, match="model.embeddings"):  # ImageBert weights into a U-ViT
-        G.load_official_weights(model, case_files("imagebert_tiny")[1])
+        common.load_official_weights(model, case_files("imagebert_tiny")[1])
 
 
 def test_load_generator_formats(tmp_path):
@@ -276,7 +315,9 @@ def test_load_generator_formats(tmp_path):
     hf.mkdir()
     (hf / "config.json").write_text(json.dumps(meta["config"]))
     src = Path(SHARED) / "parity" if SHARED and (Path(SHARED) / "parity").is_dir() else LOCAL
-    (hf / "model.safetensors").write_bytes((src / "imagebert_tiny.weights.safetensors").read_bytes())
+    (hf / "model.safetensors").write_bytes(
+        (src / "imagebert_tiny.weights.safetensors").read_bytes()
+    )
     model = G.load_generator(hf)
     assert not model.training and model.preset is None
     with torch.no_grad():
@@ -285,8 +326,14 @@ def test_load_generator_formats(tmp_path):
     # Our checkpoint: config + weights + EMA; the EMA weights win.
     cfg = G.config_from_official(meta["config"])
     zeros = {k: torch.zeros_like(v) for k, v in weights.items()}
-    ckpt = {"kind": "generator", "preset": None, "config": G.config_to_dict(cfg), "model": zeros,
-            "ema": dict(weights), "step": 10}
+    ckpt = {
+        "kind": "generator",
+        "preset": None,
+        "config": G.config_to_dict(cfg),
+        "model": zeros,
+        "ema": dict(weights),
+        "step": 10,
+    }
     torch.save(ckpt, tmp_path / "ours.pt")
     with torch.no_grad():
         assert_close(G.load_generator(tmp_path / "ours.pt")(ids, y), io["logits_cond"])
@@ -300,14 +347,19 @@ def test_load_generator_formats(tmp_path):
     torch.save(tiny.state_dict(), tmp_path / "generator_tiny.bin")
     loaded = G.load_generator(tmp_path / "generator_tiny.bin")
     assert loaded.preset == "tiny"
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), tiny.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), tiny.state_dict().values())
+    )
 
     # Bad inputs are UserErrors with one-line messages.
     torch.save({"kind": "tokenizer", "config": {}, "model": {}}, tmp_path / "tok.pt")
     (tmp_path / "junk.bin").write_bytes(b"not a checkpoint at all")
-    for path, words in [(tmp_path / "missing.pt", "not found"), (tmp_path / "tok.pt", "tokenizer"),
-                        (tmp_path / "junk.bin", "cannot read"),
-                        (src / "imagebert_tiny.weights.safetensors", "match none of the generator presets")]:
+    for path, words in [
+        (tmp_path / "missing.pt", "not found"),
+        (tmp_path / "tok.pt", "tokenizer"),
+        (tmp_path / "junk.bin", "cannot read"),
+        (src / "imagebert_tiny.weights.safetensors", "match none of the generator presets"),
+    ]:
         with pytest.raises(UserError, match=words):
             G.load_generator(path)
 

@@ -1,14 +1,11 @@
 """tokenizer.VectorQuantizer's defining properties (TiTok Sec. 3.2 / 4.1; VQ-VAE, van den Oord et al.
 2017), each checked against an independent computation: unit-norm codes, nearest code = most similar
 code, the straight-through gradient, and the commitment / codebook losses on a hand-worked example."""
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tokenizer import VectorQuantizer  # noqa: E402
+from tokenizer import VectorQuantizer
 
 
 def quantizer(codes, use_l2_norm):
@@ -20,7 +17,9 @@ def quantizer(codes, use_l2_norm):
 
 def tokens(*vectors):
     """(K, C) vectors -> the quantizer's (B=1, C, 1, K) input."""
-    return torch.tensor(vectors, dtype=torch.float32).t().reshape(1, len(vectors[0]), 1, len(vectors))
+    return (
+        torch.tensor(vectors, dtype=torch.float32).t().reshape(1, len(vectors[0]), 1, len(vectors))
+    )
 
 
 def test_l2_codes_are_unit_norm_and_are_the_output():
@@ -28,7 +27,7 @@ def test_l2_codes_are_unit_norm_and_are_the_output():
     vq = quantizer((torch.randn(64, 12) * 3).tolist(), use_l2_norm=True)
     zq, stats = vq(torch.randn(2, 12, 1, 32) * 5)
     torch.testing.assert_close(zq.norm(dim=1), torch.ones(2, 1, 32))
-    torch.testing.assert_close(vq.lookup(stats["ids"]), zq)   # decoding ids gives the same vectors
+    torch.testing.assert_close(vq.lookup(stats["ids"]), zq)  # decoding ids gives the same vectors
     torch.testing.assert_close(vq.codebook().norm(dim=1), torch.ones(64))
 
 
@@ -37,8 +36,10 @@ def test_nearest_code_is_brute_force_nearest(use_l2_norm):
     torch.manual_seed(1)
     w, z = torch.randn(50, 8), torch.randn(3, 8, 2, 5)
     _, stats = quantizer(w.tolist(), use_l2_norm)(z)
-    flat = z.permute(0, 2, 3, 1).reshape(-1, 8).double()              # (B*H*W, C), row-major grid
-    if use_l2_norm:  # argmin of the distance between unit vectors == argmax of the cosine similarity
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 8).double()  # (B*H*W, C), row-major grid
+    if (
+        use_l2_norm
+    ):  # argmin of the distance between unit vectors == argmax of the cosine similarity
         score = torch.nn.functional.cosine_similarity(flat[:, None], w.double()[None], dim=-1)
     else:
         score = -torch.cdist(flat, w.double())

@@ -1,0 +1,695 @@
+"""The plumbing every stage shares, so that the chapters can teach TiTok and nothing else.
+
+Nothing here is part of the method: a reader learning TiTok can skip this file. It keeps the
+chapters honest: one error class and one way for a command line to fail (a single line, never a
+traceback), flag types that refuse bad values before any work starts, files written atomically,
+weights read without running pickled code, images opened in any PIL mode, and the torchrun set-up,
+checkpoints and exact resume that both trainers use.
+
+Sections: 1 errors and flags, 2 files and weights, 3 images, 4 torchrun, 5 checkpoints, resume, logs.
+This module imports no chapter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gzip
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+# ----------------------------------------------------------------------------------------------
+# 1. Errors and flags: bad input ends as one line `error: ...` and exit status 1.
+
+
+class UserError(ValueError):
+    """Bad input (a missing file, a wrong checkpoint...): the CLIs print `error: <one line>`."""
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """Every CLI runs in this: a UserError or OSError ends it as `error: <one line>` (from rank 0)."""
+    try:
+        yield
+    except (UserError, OSError) as e:
+        rank = int(os.environ.get("RANK", "0"))
+        message = " ".join(str(e).split())
+        sys.exit(f"error: {message}" if rank == 0 else 1)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are UserErrors too: `error: ... (see --help)`."""
+
+    def error(self, message: str) -> None:
+        raise UserError(f"{message} (see --help)")
+
+
+def positive_int(s: str) -> int:
+    value = int(s)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return value
+
+
+def nonneg_int(s: str) -> int:
+    """The counts that may be 0 (--eval-size, --seed, --keep...)."""
+    value = int(s)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {s}")
+    return value
+
+
+def float_in(low: float, high: float, below_high: bool = False):
+    """An argparse type: a finite float in [low, high], or [low, high) with below_high."""
+
+    def number(s: str) -> float:  # (argparse names the function in "invalid number value")
+        value = float(s)
+        inside = low <= value <= high and not (below_high and value == high)
+        if not (math.isfinite(value) and inside):
+            bracket = ")" if below_high else "]"
+            raise argparse.ArgumentTypeError(
+                f"must be finite, in [{low:g}, {high:g}{bracket}, got {s}"
+            )
+        return value
+
+    return number
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_arg(s: str) -> torch.device:
+    """An argparse type: cpu, cuda or cuda:N, and cuda only where CUDA is available."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", s) or (s != "cpu" and not torch.cuda.is_available()):
+        raise argparse.ArgumentTypeError(
+            f"{s!r}: give cpu, cuda or cuda:N, and cuda only where CUDA is available"
+        )
+    return torch.device(s)
+
+
+def add_recipe_flags(parser: argparse.ArgumentParser, recipe_class) -> None:
+    """Every field of a recipe dataclass becomes a flag (default: the recipe's value). Counts are
+    > 0 (steps that may start at 0, the seed and --keep >= 0), rates >= 0, probabilities and decays
+    in [0, 1] (Adam's betas in [0, 1)); a recipe class may list a field's values in CHOICES."""
+    group = parser.add_argument_group("recipe values (default: the recipe's)")
+    choices = getattr(recipe_class, "CHOICES", {})
+    for f in dataclasses.fields(recipe_class):
+        if f.name == "name":
+            continue
+        beta = f.name.startswith("beta")
+        unit_interval = beta or f.name in ("ema_decay", "lecam_decay")
+        unit_interval = unit_interval or f.name.endswith(("dropout", "smoothing"))
+        may_be_zero = f.name in ("warmup_steps", "seed", "keep") or f.name.endswith("_start")
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction)
+            continue
+        kinds = {
+            "str": str,
+            "int": nonneg_int if may_be_zero else positive_int,
+            "float": float_in(0, 1 if unit_interval else math.inf, below_high=beta),
+        }
+        group.add_argument(
+            flag, type=kinds[f.type], choices=choices.get(f.name), metavar=f.type.upper()
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Files and weights: atomic writes, safetensors and torch files read safely, strict loading.
+
+
+def write_atomic(path: str | os.PathLike, write) -> Path:
+    """write(file) into a temporary file beside `path`, fsync, rename: a kill or a full disk leaves
+    the previous file (or none), never half a one, and no temporary file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        free = ""
+        if path.parent.is_dir():
+            free = f"; {shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
+        raise UserError(f"cannot write {path} ({e.strerror or e}{free})") from None
+    finally:
+        with contextlib.suppress(OSError):  # (under a file that is no folder, there is no temp)
+            tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: dict) -> Path:
+    return write_atomic(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """A model known by content: the sha256 of a file (as `sha256sum` prints it), or of a folder's
+    files' ones (an HF snapshot)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        return hashlib.sha256("".join(sha256_of(p) for p in files).encode()).hexdigest()
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A .safetensors file: an 8-byte little-endian header length n, n bytes of JSON {name: {dtype,
+    shape, data_offsets: [begin, end]}} (+ an optional "__metadata__"), then the tensors' bytes."""
+    buf = bytearray(Path(path).read_bytes())  # one copy of the file; the tensors are views into it
+    try:
+        n = int.from_bytes(buf[:8], "little")
+        if len(buf) < 8 or 8 + n > len(buf):
+            raise ValueError("header length points past the end of the file")
+        header = json.loads(bytes(buf[8 : 8 + n]))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        header.pop("__metadata__", None)
+        tensors = {}
+        for name, info in header.items():
+            dtype, shape = SAFETENSORS_DTYPES[info["dtype"]], info["shape"]
+            begin, end = info["data_offsets"]
+            if not all(isinstance(v, int) and v >= 0 for v in [*shape, begin, end]):
+                raise ValueError(f"tensor {name!r} has a negative or non-integer shape or offset")
+            count = math.prod(shape)
+            if end - begin != count * dtype.itemsize or 8 + n + end > len(buf):
+                raise ValueError(f"tensor {name!r} has inconsistent offsets")
+            if count == 0:
+                tensors[name] = torch.empty(shape, dtype=dtype)
+            else:
+                offset = 8 + n + begin
+                flat = torch.frombuffer(buf, dtype=dtype, count=count, offset=offset)
+                tensors[name] = flat.reshape(shape)
+        return tensors
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{path}: not a valid .safetensors file ({e})") from None
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """A weights file: .safetensors through the reader above, anything else through torch.load(
+    weights_only=True), which only rebuilds tensors and plain containers (no pickled code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, truncated zip files, foreign formats: say which
+        first_line = (str(e).strip() or repr(e)).splitlines()[0]
+        raise UserError(f"{path}: cannot read as a torch checkpoint ({first_line})") from None
+
+
+def checkpoint_weights(ckpt: dict, kind: str, path: str | os.PathLike) -> tuple[dict, dict]:
+    """(config dict, weights) of one of our checkpoints ({kind, config, model, ema, ...}): the EMA
+    weights when the checkpoint has them."""
+    if ckpt.get("kind") != kind or not {"config", "model"} <= set(ckpt):
+        raise UserError(
+            f"{path} is not a {kind} checkpoint (kind {ckpt.get('kind')!r}, keys {sorted(ckpt)[:8]})"
+        )
+    weights = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
+    return ckpt["config"], weights
+
+
+def shapes(state_dict: dict) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in state_dict.items()}
+
+
+def guess_preset(state_dict: dict, presets: dict, build) -> str | None:
+    """The preset whose model `build(config)` has exactly the keys and shapes of `state_dict`
+    (the models are built on the `meta` device: no memory, no time)."""
+    want = shapes(state_dict)
+    with torch.device("meta"):
+        for name, config in presets.items():
+            if shapes(build(config).state_dict()) == want:
+                return name
+    return None
+
+
+def load_official_weights(model: nn.Module, state_dict: dict, presets: dict | None = None) -> None:
+    """Strict load: every key present, nothing extra, every shape equal; an error names the keys
+    (and, given `presets` of the model's class, the preset the weights look like)."""
+    have, want = shapes(state_dict), shapes(model.state_dict())
+    problems = {
+        "missing": [k for k in want if k not in have],
+        "unexpected": [k for k in have if k not in want],
+        "of the wrong shape (file vs model)": [
+            f"{k} {v} vs {want[k]}" for k, v in have.items() if want.get(k, v) != v
+        ],
+    }
+    if any(problems.values()):
+        parts = []
+        for what, keys in problems.items():
+            if keys:
+                more = f" (+{len(keys) - 4} more)" if len(keys) > 4 else ""
+                parts.append(f"{len(keys)} {what}: {', '.join(keys[:4])}{more}")
+        message = "weights do not fit this model; " + "; ".join(parts)
+        guess = guess_preset(state_dict, presets, type(model)) if presets else None
+        if guess:
+            message += f" - they look like preset {guess!r}"
+        raise UserError(message)
+    model.load_state_dict(state_dict, strict=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Images: any file to 8-bit RGB, the evaluation transform, pictures and PSNR.
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
+
+
+def open_rgb(path: str | os.PathLike) -> Image.Image:
+    """Any image file -> 8-bit RGB. PIL's convert("RGB") would clip 16/32-bit greyscale to white and
+    drop alpha onto black, so: 16/32-bit values are scaled (x / 257), float (mode F) read as [0, 1],
+    alpha composited on white."""
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now, so truncated files fail here with a clear message
+            if im.mode.startswith("I") or im.mode == "F":
+                scale = 255.0 if im.mode == "F" else 1 / 257
+                values = np.round(np.asarray(im, dtype=np.float64) * scale)
+                im = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8))
+            if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+                white = Image.new("RGBA", im.size, "white")
+                im = Image.alpha_composite(white, im.convert("RGBA"))
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise UserError(f"image not found: {path}") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"{path}: not a readable image ({e})") from None
+
+
+def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
+    """Shorter side to `size`, bicubic, the long side truncated: torchvision's Resize(size)."""
+    w, h = img.size
+    new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    return img if new == (w, h) else img.resize(new, Image.BICUBIC)
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """TiTok's evaluation transform (Resize + CenterCrop, torchvision's rounding)."""
+    img = resize_shorter_side(img, size)
+    left = int(round((img.size[0] - size) / 2))
+    top = int(round((img.size[1] - size) / 2))
+    return img.crop((left, top, left + size, top + size))
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB -> (3, H, W) uint8."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
+    """An image file as evaluation sees it: (3, size, size) in [0, 1]."""
+    return to_tensor(resize_center_crop(open_rgb(path), size)).float() / 255.0
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Decoder output in [0, 1] (unclamped) -> uint8, clamped and rounded as TiTok's evaluation."""
+    return (x.float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def save_image(x: torch.Tensor, path: str | os.PathLike) -> None:
+    """(3, H, W) in [0, 1] -> an image file (PNG unless the suffix names another format)."""
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
+    pixels = to_uint8(x).permute(1, 2, 0).cpu().numpy()
+    write_atomic(path, lambda f: Image.fromarray(pixels).save(f, format=fmt))
+
+
+def image_grid(images: torch.Tensor, nrow: int, min_size: int = 128) -> torch.Tensor:
+    """(N, 3, S, S) in [0, 1] -> one (3, H, W) picture, `nrow` images per row, a 1-px white frame
+    around each; small images are upscaled (nearest) so a 32 px grid is easy to look at."""
+    n, _, s, _ = images.shape
+    rows = math.ceil(n / nrow)
+    framed = F.pad(images.float().clamp(0, 1), (1, 1, 1, 1), value=1.0)  # (N, 3, S+2, S+2)
+    blanks = framed.new_ones(rows * nrow - n, *framed.shape[1:])
+    framed = torch.cat([framed, blanks]).view(rows, nrow, 3, s + 2, s + 2)
+    grid = framed.permute(2, 0, 3, 1, 4).reshape(3, rows * (s + 2), nrow * (s + 2))
+    if s < min_size:
+        grid = F.interpolate(grid[None], scale_factor=min_size // s, mode="nearest")[0]
+    return grid
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of images in [0, 1] (the MSE over the whole batch)."""
+    mse = F.mse_loss(a.float(), b.float()).item()
+    return 10 * math.log10(1.0 / mse) if mse else math.inf
+
+
+def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast for "bf16", none for "fp32"; discrete decisions switch it off themselves."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+
+# Datasets: a source maps an index to a uint8 (3, S, S) image and its label.
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """An idx file (MNIST's format, maybe gzipped): 0x0000 08 <ndim>, big-endian uint32 sizes."""
+    try:
+        with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
+            data = f.read()
+        if len(data) < 4 or data[:3] != b"\0\0\x08":
+            raise ValueError("bad magic number (expected uint8 idx data)")
+        ndim = data[3]
+        shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+        return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    except (OSError, EOFError, ValueError) as e:
+        raise UserError(f"{path}: not a readable idx file ({e})") from None
+
+
+class IdxImages:
+    """Greyscale idx images (Fashion-MNIST): 28 px padded to 32 with black (as LeNet did), grey
+    repeated to RGB, resized (bicubic) for other sizes; labels from `*-labels-idx1-ubyte[.gz]`."""
+
+    def __init__(self, files: list[Path], image_size: int):
+        arrays = [read_idx(f) for f in files]
+        if any(a.ndim != 3 for a in arrays):
+            raise UserError(f"{files[0]}: expected (N, rows, cols) idx images")
+        labels = []
+        for f, images in zip(files, arrays):
+            label_file = Path(str(f).replace("-images-idx3-", "-labels-idx1-"))
+            if label_file.is_file():
+                labels.append(read_idx(label_file).astype(np.int64))
+            else:
+                labels.append(np.zeros(len(images), np.int64))
+        self.labels = np.concatenate(labels)
+        self.images = np.concatenate(arrays)
+        self.image_size = image_size
+        self.description = f"{len(self.images)} idx images from {files[0].parent}"
+
+    def load(self, i: int, rng: np.random.Generator | None) -> tuple[torch.Tensor, int]:
+        x = torch.from_numpy(self.images[i].copy())[None].float()
+        x = F.pad(x, (2, 2, 2, 2))  # (1, 32, 32)
+        if x.shape[-1] != self.image_size:
+            x = F.interpolate(x[None], size=self.image_size, mode="bicubic", antialias=True)[0]
+        x = x.round().clamp(0, 255).to(torch.uint8).expand(3, -1, -1).contiguous()
+        return x, int(self.labels[i])
+
+
+class FolderImages:
+    """root/<class>/<image> (ImageNet's layout; sorted classes -> labels). Training: the shorter
+    side to image_size and a random crop (the official loader); else the evaluation transform."""
+
+    def __init__(self, root: Path, image_size: int, random_crop: bool = True):
+        files = (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        self.files = sorted(files)
+        if not self.files:
+            raise UserError(
+                f"--data {root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) "
+                "and no *-images-idx3-ubyte[.gz] files"
+            )
+        parts = [p.relative_to(root).parts for p in self.files]
+        class_names = sorted({q[0] for q in parts if len(q) > 1})
+        classes = {c: i for i, c in enumerate(class_names)}
+        self.labels = [classes[q[0]] if len(q) > 1 else 0 for q in parts]
+        self.image_size, self.random_crop = image_size, random_crop
+        self.description = f"{len(self.files)} images in {len(classes) or 1} classes under {root}"
+
+    def load(self, i: int, rng: np.random.Generator | None) -> tuple[torch.Tensor, int]:
+        s, img = self.image_size, open_rgb(self.files[i])
+        if rng is None or not self.random_crop:
+            return to_tensor(resize_center_crop(img, s)), self.labels[i]
+        img = resize_shorter_side(img, s)
+        left = int(rng.integers(0, img.size[0] - s + 1))
+        top = int(rng.integers(0, img.size[1] - s + 1))
+        return to_tensor(img.crop((left, top, left + s, top + s))), self.labels[i]
+
+
+def open_image_source(
+    path: str | os.PathLike, image_size: int, random_crop: bool = True
+) -> IdxImages | FolderImages:
+    """--data: an idx(.gz) file, a folder of `*-images-idx3-ubyte[.gz]` files (all used), or
+    images."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"--data {path}: no such file or folder")
+    if path.is_file():
+        idx = [path]
+    else:
+        idx = sorted(path.glob("*-images-idx3-ubyte.gz")) + sorted(path.glob("*-images-idx3-ubyte"))
+    return IdxImages(idx, image_size) if idx else FolderImages(path, image_size, random_crop)
+
+
+def split_heldout(n: int, n_heldout: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) indices, the held-out ones spread evenly (a class-sorted folder gives a
+    mix of classes)."""
+    if n_heldout > 0 and n < 2 * n_heldout:
+        raise UserError(
+            f"{n} images are too few to hold out {n_heldout} for evaluation (lower --eval-size)"
+        )
+    held = np.unique(np.linspace(0, n - 1, max(n_heldout, 0)).round().astype(np.int64))
+    return np.setdiff1d(np.arange(n), held), held
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. torchrun: where this process sits, collectives that are no-ops in a world of one.
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process sits in the job (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK)."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@contextlib.contextmanager
+def distributed(device: torch.device | None = None, timeout_hours: float = 0.5):
+    """The torchrun process group for a `with` block (NCCL on GPUs, gloo on CPUs; plain `python`:
+    a world of one), destroyed when the block ends, also on an error, so no rank is left waiting."""
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = device or default_device()
+    if world > 1 and device.type == "cuda":  # one GPU per process
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = timedelta(hours=timeout_hours)
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
+    # CPU runs repeat to the last digit: the default embedding backward (the codebook's gradient)
+    # adds across threads in a varying order, and the nearest-code choice amplifies the difference.
+    # GPUs keep their fast kernels.
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(was_deterministic or device.type == "cpu")
+    try:
+        yield Dist(rank, world, device)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def world_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum over processes of a detached copy of `x` (for statistics)."""
+    x = x.detach().clone()
+    if dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+
+def world_mean(stats: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The mean over processes of each statistic, as rounded floats, in one all-reduce."""
+    names = sorted(stats)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    values = world_sum(torch.stack([stats[k].float() for k in names])) / world
+    return {k: round(v, 6) for k, v in zip(names, values.tolist())}
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Checkpoints, exact resume and logs. A checkpoint holds all that a step depends on (weights,
+#    EMA, optimisers, stream position, RNG states): a run killed at any moment (kill -9) and
+#    resumed with --resume logs the losses of an uninterrupted run.
+
+
+def save_checkpoint(path: str | os.PathLike, obj: dict) -> Path:
+    return write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def list_checkpoints(out: str | os.PathLike) -> list[Path]:
+    """The ckpt_<step>.pt files in `out`, oldest first."""
+    return sorted(p for p in Path(out).glob("ckpt_*.pt") if p.stem[5:].isdigit())
+
+
+def save_step_checkpoint(out: Path, step: int, state: dict, keep: int, d: Dist) -> Path:
+    """Rank 0 writes ckpt_<step>.pt and keeps the newest `keep`; the others wait for it."""
+    path = out / f"ckpt_{step:08d}.pt"
+    if d.is_main:
+        save_checkpoint(path, state)
+        if keep > 0:
+            for old in list_checkpoints(out)[:-keep]:
+                old.unlink()
+    barrier()
+    return path
+
+
+def resume_from(
+    out: Path, resume: bool, kinds: tuple[str, ...], d: Dist
+) -> tuple[Path | None, dict | None]:
+    """The newest checkpoint in --out (with --resume); without --resume, --out must hold none.
+    Removes the temporary file of a save that was killed."""
+    if d.is_main:
+        for stale in out.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+    ckpts = list_checkpoints(out)
+    if ckpts and not resume:
+        raise UserError(
+            f"{out} already holds checkpoints (newest {ckpts[-1].name}); pass --resume to "
+            "continue that run or --out to start a new one"
+        )
+    if not (ckpts and resume):
+        return None, None
+    ckpt = read_checkpoint(ckpts[-1])
+    if not (isinstance(ckpt, dict) and ckpt.get("kind") in kinds and "argv" in ckpt):
+        raise UserError(f"{ckpts[-1]} is not a {' or '.join(kinds)} training checkpoint")
+    return ckpts[-1], ckpt
+
+
+def resolve(parser, argv: list[str], ckpt: dict | None, base, fixed: tuple[str, ...]) -> tuple:
+    """(settings, the recipe `base(settings)` with the flags over it). A resumed run reads its first
+    command line with the new flags on top (e.g. a longer --max-steps); the settings named in
+    `fixed` decide its data and model and must not change."""
+    if ckpt is not None:
+        first, first_recipe = resolve(parser, ckpt["argv"], None, base, fixed)
+        now, recipe = resolve(parser, ckpt["argv"] + argv, None, base, fixed)
+        before = {**vars(first), **dataclasses.asdict(first_recipe)}
+        after = {**vars(now), **dataclasses.asdict(recipe)}
+        for k in fixed:
+            if before.get(k) != after.get(k):
+                raise UserError(
+                    f"--resume: {now.out} was trained with --{k.replace('_', '-')} {before.get(k)}, "
+                    f"not {after.get(k)} (resume with the same value, or use another --out)"
+                )
+        return now, recipe
+    args = parser.parse_args(argv)
+    args.data = str(Path(args.data).resolve())
+    recipe = base(args)
+    flags = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(recipe)
+        if f.name != "name" and getattr(args, f.name, None) is not None
+    }
+    return args, dataclasses.replace(recipe, **flags)
+
+
+def run_is_finished(ckpt: dict | None, max_steps: int, export: Path, d: Dist) -> bool:
+    """A finished run (last step, export written) resumed again does nothing, rewrites nothing."""
+    done = ckpt is not None and int(ckpt["step"]) >= max_steps and export.is_file()
+    if done and d.is_main:
+        print(f"{export.parent} already holds the finished run ({export}); nothing to do")
+    return done
+
+
+def checkpoint(parts: dict, d: Dist, **values) -> dict:
+    """The `parts`' state dicts, `values`, and every process's torch RNG state (a collective). Data
+    order, augmentation, masks and dead-code restarts are seeded by position or step; the global
+    RNG feeds only VAE noise and dropout."""
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
+    mine = {"cpu": torch.get_rng_state(), "cuda": cuda}
+    rng = [mine] * d.world
+    if d.world > 1:
+        dist.all_gather_object(rng, mine)
+    states = {k: p.state_dict() for k, p in parts.items() if p is not None}
+    return {**states, **values, "world": d.world, "rng": rng}
+
+
+def restore(ckpt: dict | None, parts: dict, d: Dist, seed: int) -> None:
+    """Load the parts and continue the RNG streams; a new run seeds seed + rank (+ the step, when the
+    number of processes changed)."""
+    if ckpt is not None:
+        for k, part in parts.items():
+            if part is not None:
+                part.load_state_dict(ckpt[k])
+    if ckpt is not None and len(ckpt["rng"]) == d.world:
+        torch.set_rng_state(ckpt["rng"][d.rank]["cpu"])
+        if ckpt["rng"][d.rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(ckpt["rng"][d.rank]["cuda"])
+    else:
+        torch.manual_seed(seed + d.rank + (int(ckpt["step"]) if ckpt else 0))
+
+
+def check_finite(value: torch.Tensor, what: str, step: int, last_checkpoint: Path | None) -> None:
+    """Stop every process at the first NaN/inf, before the update. Finite weights that gave it
+    (|w| = 1e30) may be saved already: that ckpt_<step> becomes *.pt.nonfinite, so the newest
+    checkpoint left is the last good one."""
+    bad = (~torch.isfinite(value.detach())).any().float().reshape(1)
+    if dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if not bad.item():
+        return
+    if last_checkpoint is not None and int(last_checkpoint.stem[5:]) >= step:
+        if int(os.environ.get("RANK", "0")) == 0:
+            last_checkpoint.rename(last_checkpoint.with_suffix(".pt.nonfinite"))
+        older = [p for p in list_checkpoints(last_checkpoint.parent) if int(p.stem[5:]) < step]
+        last_checkpoint = older[-1] if older else None
+    where = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no good checkpoint"
+    raise UserError(
+        f"{what} is {value.detach().flatten()[0].item()} at step {step}; stopped without saving "
+        f"({where}; continue with --resume, e.g. with a lower --lr)"
+    )
+
+
+def open_log(path: Path, start: int, enabled: bool):
+    """log.jsonl (rank 0), cut to the records up to `start`: it reads as one uninterrupted run."""
+    if not enabled:
+        return None
+    lines = path.read_text().splitlines(keepends=True) if path.is_file() else []
+    kept = "".join(x for x in lines if x.strip() and json.loads(x)["step"] <= start)
+    write_atomic(path, lambda f: f.write(kept.encode()))
+    return open(path, "a")
+
+
+def write_log(log, record: dict) -> None:
+    """One JSON line per logged step; a short line on the terminal."""
+    if log is None:
+        return
+    log.write(json.dumps(record) + "\n")
+    log.flush()
+    shown = ("loss", "lr", "psnr", "images_per_s")
+    values = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k in shown)
+    print(f"step {record['step']}: {values}", flush=True)
