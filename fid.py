@@ -28,7 +28,6 @@ import sys
 import time
 import warnings
 import zipfile
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -104,11 +103,16 @@ def inception_score(logits: torch.Tensor, splits: int = 1) -> tuple[float, float
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. The network: InceptionV3 (Szegedy et al. 2016) as in the TF 2015 graph; names are pytorch-fid's .pth keys.
+# 2. The network: InceptionV3 (Szegedy et al. 2016) as in the TF 2015 graph. The module names are
+#    pytorch-fid's .pth keys, and every block registers its units in the graph's order.
 
 BN_EPS = 1e-3  # the TF graph's variance epsilon; PyTorch's default 1e-5 moves pool3 by >400%
-# TF averages over the valid pixels only at the borders; torchvision's InceptionV3 counts the padding.
-avg_pool_3x3 = partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+def avg_pool_3x3(x: torch.Tensor) -> torch.Tensor:
+    # TF averages over the valid pixels only at the borders; torchvision's InceptionV3 counts the
+    # padding too.
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
 
 
 class ConvBN(nn.Module):
@@ -118,210 +122,183 @@ class ConvBN(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=False)
         self.bn = nn.Module()
-        for name, value in (
-            ("weight", 1.0),
-            ("bias", 0.0),
-            ("running_mean", 0.0),
-            ("running_var", 1.0),
-        ):
-            self.bn.register_buffer(name, torch.full((cout,), value))
+        self.bn.register_buffer("weight", torch.ones(cout))
+        self.bn.register_buffer("bias", torch.zeros(cout))
+        self.bn.register_buffer("running_mean", torch.zeros(cout))
+        self.bn.register_buffer("running_var", torch.ones(cout))
 
     def forward(self, x):
-        # BN folded into the conv at run time: one conv with a bias, no second pass over the activations.
+        # BN folded into the conv at run time: one conv with a bias, no second pass over the
+        # activations.
         scale = self.bn.weight * torch.rsqrt(self.bn.running_var + BN_EPS)
-        w, b = (
-            self.conv.weight * scale[:, None, None, None],
-            self.bn.bias - self.bn.running_mean * scale,
-        )
+        w = self.conv.weight * scale[:, None, None, None]
+        b = self.bn.bias - self.bn.running_mean * scale
         return F.relu(F.conv2d(x, w, b, self.conv.stride, self.conv.padding))
 
 
-class InceptionA(nn.Module):  # Mixed_5b/5c/5d, 35x35: 1x1 | 5x5 | two 3x3 | pool
+# The factorised kernels of blocks C, D and E: 1xk along a row, kx1 along a column.
+ROW7, COL7 = dict(kernel=(1, 7), padding=(0, 3)), dict(kernel=(7, 1), padding=(3, 0))
+ROW3, COL3 = dict(kernel=(1, 3), padding=(0, 1)), dict(kernel=(3, 1), padding=(1, 0))
+
+
+class InceptionA(nn.Module):
+    """Mixed_5b/5c/5d at 35x35: 1x1 | 5x5 | two 3x3 | pool."""
+
     def __init__(self, cin: int, pool_features: int):
         super().__init__()
-        self.branch1x1, self.branch_pool = ConvBN(cin, 64, 1), ConvBN(cin, pool_features, 1)
-        self.branch5x5_1, self.branch5x5_2 = ConvBN(cin, 48, 1), ConvBN(48, 64, 5, padding=2)
-        self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3 = (
-            ConvBN(cin, 64, 1),
-            ConvBN(64, 96, 3, padding=1),
-            ConvBN(96, 96, 3, padding=1),
-        )
+        self.branch1x1 = ConvBN(cin, 64, 1)
+        self.branch5x5_1 = ConvBN(cin, 48, 1)
+        self.branch5x5_2 = ConvBN(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = ConvBN(cin, 64, 1)
+        self.branch3x3dbl_2 = ConvBN(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = ConvBN(96, 96, 3, padding=1)
+        self.branch_pool = ConvBN(cin, pool_features, 1)
 
     def forward(self, x):
-        return torch.cat(
-            [
-                self.branch1x1(x),
-                self.branch5x5_2(self.branch5x5_1(x)),
-                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-                self.branch_pool(avg_pool_3x3(x)),
-            ],
-            1,
-        )
+        branches = [
+            self.branch1x1(x),
+            self.branch5x5_2(self.branch5x5_1(x)),
+            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+            self.branch_pool(avg_pool_3x3(x)),
+        ]
+        return torch.cat(branches, 1)
 
 
-class InceptionB(nn.Module):  # Mixed_6a, 35x35 -> 17x17
+class InceptionB(nn.Module):
+    """Mixed_6a, 35x35 -> 17x17: a strided 3x3 | two 3x3 | max pool."""
+
     def __init__(self, cin: int):
         super().__init__()
-        self.branch3x3, self.branch3x3dbl_1 = ConvBN(cin, 384, 3, stride=2), ConvBN(cin, 64, 1)
-        self.branch3x3dbl_2, self.branch3x3dbl_3 = (
-            ConvBN(64, 96, 3, padding=1),
-            ConvBN(96, 96, 3, stride=2),
-        )
+        self.branch3x3 = ConvBN(cin, 384, 3, stride=2)
+        self.branch3x3dbl_1 = ConvBN(cin, 64, 1)
+        self.branch3x3dbl_2 = ConvBN(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = ConvBN(96, 96, 3, stride=2)
 
     def forward(self, x):
-        dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        return torch.cat([self.branch3x3(x), dbl, F.max_pool2d(x, 3, stride=2)], 1)
+        double = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch3x3(x), double, F.max_pool2d(x, 3, stride=2)], 1)
 
 
-class InceptionC(nn.Module):  # Mixed_6b..6e, 17x17, 7x7 convolutions factorised into 1x7 and 7x1
+class InceptionC(nn.Module):
+    """Mixed_6b..6e at 17x17: 1x1 | 7x7 | two 7x7 | pool, each 7x7 factorised into 1x7 and 7x1."""
+
     def __init__(self, cin: int, c7: int):
         super().__init__()
-        row, col = dict(kernel=(1, 7), padding=(0, 3)), dict(kernel=(7, 1), padding=(3, 0))
-        self.branch1x1, self.branch7x7_1 = ConvBN(cin, 192, 1), ConvBN(cin, c7, 1)
-        self.branch7x7_2, self.branch7x7_3 = ConvBN(c7, c7, **row), ConvBN(c7, 192, **col)
-        self.branch7x7dbl_1, self.branch7x7dbl_2 = ConvBN(cin, c7, 1), ConvBN(c7, c7, **col)
-        self.branch7x7dbl_3, self.branch7x7dbl_4 = ConvBN(c7, c7, **row), ConvBN(c7, c7, **col)
-        self.branch7x7dbl_5, self.branch_pool = ConvBN(c7, 192, **row), ConvBN(cin, 192, 1)
-
-    def forward(self, x):
-        d = self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))
-        return torch.cat(
-            [
-                self.branch1x1(x),
-                self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
-                self.branch7x7dbl_5(self.branch7x7dbl_4(d)),
-                self.branch_pool(avg_pool_3x3(x)),
-            ],
-            1,
-        )
-
-
-class InceptionD(nn.Module):  # Mixed_7a, 17x17 -> 8x8
-    def __init__(self, cin: int):
-        super().__init__()
-        self.branch3x3_1, self.branch3x3_2 = ConvBN(cin, 192, 1), ConvBN(192, 320, 3, stride=2)
-        self.branch7x7x3_1, self.branch7x7x3_2 = (
-            ConvBN(cin, 192, 1),
-            ConvBN(192, 192, (1, 7), 1, (0, 3)),
-        )
-        self.branch7x7x3_3, self.branch7x7x3_4 = (
-            ConvBN(192, 192, (7, 1), 1, (3, 0)),
-            ConvBN(192, 192, 3, stride=2),
-        )
-
-    def forward(self, x):
-        b = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
-        return torch.cat(
-            [self.branch3x3_2(self.branch3x3_1(x)), b, F.max_pool2d(x, 3, stride=2)], 1
-        )
-
-
-class InceptionE(
-    nn.Module
-):  # Mixed_7b/7c, 8x8, 3x3 convolutions split into 1x3 and 3x1 side by side
-    def __init__(self, cin: int, pool: str):
-        super().__init__()
-        self.pool, row, col = (
-            pool,
-            dict(kernel=(1, 3), padding=(0, 1)),
-            dict(kernel=(3, 1), padding=(1, 0)),
-        )
-        self.branch1x1, self.branch3x3_1 = ConvBN(cin, 320, 1), ConvBN(cin, 384, 1)
-        self.branch3x3_2a, self.branch3x3_2b = ConvBN(384, 384, **row), ConvBN(384, 384, **col)
-        self.branch3x3dbl_1, self.branch3x3dbl_2 = (
-            ConvBN(cin, 448, 1),
-            ConvBN(448, 384, 3, padding=1),
-        )
-        self.branch3x3dbl_3a, self.branch3x3dbl_3b = (
-            ConvBN(384, 384, **row),
-            ConvBN(384, 384, **col),
-        )
+        self.branch1x1 = ConvBN(cin, 192, 1)
+        self.branch7x7_1 = ConvBN(cin, c7, 1)
+        self.branch7x7_2 = ConvBN(c7, c7, **ROW7)
+        self.branch7x7_3 = ConvBN(c7, 192, **COL7)
+        self.branch7x7dbl_1 = ConvBN(cin, c7, 1)
+        self.branch7x7dbl_2 = ConvBN(c7, c7, **COL7)
+        self.branch7x7dbl_3 = ConvBN(c7, c7, **ROW7)
+        self.branch7x7dbl_4 = ConvBN(c7, c7, **COL7)
+        self.branch7x7dbl_5 = ConvBN(c7, 192, **ROW7)
         self.branch_pool = ConvBN(cin, 192, 1)
 
     def forward(self, x):
-        a, d = self.branch3x3_1(x), self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        # A TF quirk the FID port keeps: Mixed_7c max-pools here, Mixed_7b averages (pool3 moves ~50% if not).
+        double = self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))
+        branches = [
+            self.branch1x1(x),
+            self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
+            self.branch7x7dbl_5(self.branch7x7dbl_4(double)),
+            self.branch_pool(avg_pool_3x3(x)),
+        ]
+        return torch.cat(branches, 1)
+
+
+class InceptionD(nn.Module):
+    """Mixed_7a, 17x17 -> 8x8: a strided 3x3 | 7x7 then a strided 3x3 | max pool."""
+
+    def __init__(self, cin: int):
+        super().__init__()
+        self.branch3x3_1 = ConvBN(cin, 192, 1)
+        self.branch3x3_2 = ConvBN(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = ConvBN(cin, 192, 1)
+        self.branch7x7x3_2 = ConvBN(192, 192, **ROW7)
+        self.branch7x7x3_3 = ConvBN(192, 192, **COL7)
+        self.branch7x7x3_4 = ConvBN(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        b = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        a = self.branch3x3_2(self.branch3x3_1(x))
+        return torch.cat([a, b, F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionE(nn.Module):
+    """Mixed_7b/7c at 8x8: 1x1 | 3x3 | two 3x3 | pool, the last 3x3s split into 1x3 and 3x1 side by
+    side."""
+
+    def __init__(self, cin: int, pool: str):
+        super().__init__()
+        self.pool = pool
+        self.branch1x1 = ConvBN(cin, 320, 1)
+        self.branch3x3_1 = ConvBN(cin, 384, 1)
+        self.branch3x3_2a = ConvBN(384, 384, **ROW3)
+        self.branch3x3_2b = ConvBN(384, 384, **COL3)
+        self.branch3x3dbl_1 = ConvBN(cin, 448, 1)
+        self.branch3x3dbl_2 = ConvBN(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = ConvBN(384, 384, **ROW3)
+        self.branch3x3dbl_3b = ConvBN(384, 384, **COL3)
+        self.branch_pool = ConvBN(cin, 192, 1)
+
+    def forward(self, x):
+        a = self.branch3x3_1(x)
+        d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        # A TF quirk the FID port keeps: Mixed_7c max-pools here, Mixed_7b averages (pool3 moves
+        # by ~50% if not).
         p = F.max_pool2d(x, 3, stride=1, padding=1) if self.pool == "max" else avg_pool_3x3(x)
-        return torch.cat(
-            [
-                self.branch1x1(x),
-                self.branch3x3_2a(a),
-                self.branch3x3_2b(a),
-                self.branch3x3dbl_3a(d),
-                self.branch3x3dbl_3b(d),
-                self.branch_pool(p),
-            ],
-            1,
-        )
+        branches = [
+            self.branch1x1(x),
+            self.branch3x3_2a(a),
+            self.branch3x3_2b(a),
+            self.branch3x3dbl_3a(d),
+            self.branch3x3dbl_3b(d),
+            self.branch_pool(p),
+        ]
+        return torch.cat(branches, 1)
 
 
 class FIDInceptionV3(nn.Module):
-    """(N, 3, 299, 299) -> (N, 2048) pool3. `fc` is TF's 1008-way classifier (not in fid-helper's file)."""
+    """(N, 3, 299, 299) -> (N, 2048) pool3 features. `fc` is TF's 1008-way classifier (for IS;
+    fid-helper's file has none)."""
 
     def __init__(self, fc: bool = True):
         super().__init__()
-        self.Conv2d_1a_3x3, self.Conv2d_2a_3x3 = ConvBN(3, 32, 3, stride=2), ConvBN(32, 32, 3)
-        self.Conv2d_2b_3x3, self.Conv2d_3b_1x1 = ConvBN(32, 64, 3, padding=1), ConvBN(64, 80, 1)
+        self.Conv2d_1a_3x3 = ConvBN(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = ConvBN(32, 32, 3)
+        self.Conv2d_2b_3x3 = ConvBN(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = ConvBN(64, 80, 1)
         self.Conv2d_4a_3x3 = ConvBN(80, 192, 3)
-        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = (
-            InceptionA(192, 32),
-            InceptionA(256, 64),
-            InceptionA(288, 64),
-        )
-        self.Mixed_6a, self.Mixed_6b, self.Mixed_6c = (
-            InceptionB(288),
-            InceptionC(768, 128),
-            InceptionC(768, 160),
-        )
-        self.Mixed_6d, self.Mixed_6e, self.Mixed_7a = (
-            InceptionC(768, 160),
-            InceptionC(768, 192),
-            InceptionD(768),
-        )
-        self.Mixed_7b, self.Mixed_7c = InceptionE(1280, pool="avg"), InceptionE(2048, pool="max")
+        self.Mixed_5b = InceptionA(192, pool_features=32)
+        self.Mixed_5c = InceptionA(256, pool_features=64)
+        self.Mixed_5d = InceptionA(288, pool_features=64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = InceptionC(768, c7=128)
+        self.Mixed_6c = InceptionC(768, c7=160)
+        self.Mixed_6d = InceptionC(768, c7=160)
+        self.Mixed_6e = InceptionC(768, c7=192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = InceptionE(1280, pool="avg")
+        self.Mixed_7c = InceptionE(2048, pool="max")
         self.fc = nn.Linear(2048, 1008) if fc else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous(
-            memory_format=torch.channels_last
-        )  # oneDNN's fastest conv layout; same values
-        x = F.max_pool2d(
-            self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x))), 3, 2
-        )  # (N, 64, 73, 73)
+        x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's fastest conv layout
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = F.max_pool2d(x, 3, 2)  # (N, 64, 73, 73)
         x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, 2)  # (N, 192, 35, 35)
         x = self.Mixed_6a(self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x))))  # (N, 768, 17, 17)
-        x = self.Mixed_7a(
-            self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x))))
-        )  # (N, 1280, 8, 8)
+        x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x))))
+        x = self.Mixed_7a(x)  # (N, 1280, 8, 8)
         return self.Mixed_7c(self.Mixed_7b(x)).mean((2, 3))  # (N, 2048) pool3
 
 
 # ----------------------------------------------------------------------------------------------
 # 3. The weights: pytorch-fid's .pth as it is, or fid-helper's TorchScript file renamed to our keys.
 
-# fid-helper keeps the TF graph's scopes (mixed_1.tower.conv_1, ...): which of our modules each one is.
-_TF_BLOCKS = {
-    f"mixed_{i}".removesuffix("_0"): (f"Mixed_{b}", "AAABCCCCDEE"[i])
-    for i, b in enumerate(["5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"])
-}
-_TF_UNITS = {
-    kind: dict(pair.split("=") for pair in pairs.split())
-    for kind, pairs in {
-        "stem": "conv=Conv2d_1a_3x3 conv_1=Conv2d_2a_3x3 conv_2=Conv2d_2b_3x3 conv_3=Conv2d_3b_1x1 conv_4=Conv2d_4a_3x3",
-        "A": "conv=branch1x1 tower.conv=branch5x5_1 tower.conv_1=branch5x5_2 tower_1.conv=branch3x3dbl_1 "
-        "tower_1.conv_1=branch3x3dbl_2 tower_1.conv_2=branch3x3dbl_3 tower_2.conv=branch_pool",
-        "B": "conv=branch3x3 tower.conv=branch3x3dbl_1 tower.conv_1=branch3x3dbl_2 tower.conv_2=branch3x3dbl_3",
-        "C": "conv=branch1x1 tower.conv=branch7x7_1 tower.conv_1=branch7x7_2 tower.conv_2=branch7x7_3 "
-        "tower_1.conv=branch7x7dbl_1 tower_1.conv_1=branch7x7dbl_2 tower_1.conv_2=branch7x7dbl_3 "
-        "tower_1.conv_3=branch7x7dbl_4 tower_1.conv_4=branch7x7dbl_5 tower_2.conv=branch_pool",
-        "D": "tower.conv=branch3x3_1 tower.conv_1=branch3x3_2 tower_1.conv=branch7x7x3_1 tower_1.conv_1=branch7x7x3_2 "
-        "tower_1.conv_2=branch7x7x3_3 tower_1.conv_3=branch7x7x3_4",
-        "E": "conv=branch1x1 tower_conv=branch3x3_1 tower_mixed_conv=branch3x3_2a tower_mixed_conv_1=branch3x3_2b "
-        "tower_1_conv=branch3x3dbl_1 tower_1_conv_1=branch3x3dbl_2 tower_1_mixed_conv=branch3x3dbl_3a "
-        "tower_1_mixed_conv_1=branch3x3dbl_3b tower_2_conv=branch_pool",
-    }.items()
-}
-_TF_PARAMS = {
+# fid-helper keeps the TF graph's scopes (net.layers.mixed_1.tower.conv_1.beta, ...). Its 94 conv
+# units come in the graph's order, which is our modules' order; each holds these four tensors.
+TF_PARAMS = {
     "weight": "conv.weight",
     "beta": "bn.bias",
     "mean": "bn.running_mean",
@@ -330,19 +307,23 @@ _TF_PARAMS = {
 
 
 def convert_fid_helper(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """fid-helper's 376 tensors `net.layers.<tf scope>.{weight,beta,mean,var}` -> our keys."""
-    out = {}
+    """fid-helper's 376 tensors `net.layers.<tf scope>.{weight,beta,mean,var}` -> our keys, unit by
+    unit in order (load_official_weights then checks every shape)."""
+    units = {}  # TF scope -> {param: tensor}, in the file's order
     for key, value in sd.items():
-        scope, _, param = key.removeprefix("net.layers.").rpartition(".")
-        block, _, unit = scope.partition(".")
-        ours, kind = _TF_BLOCKS[block] if unit and block in _TF_BLOCKS else ("", "stem")
-        name = _TF_UNITS[kind].get(unit if ours else scope)
-        if not key.startswith("net.layers.") or name is None or param not in _TF_PARAMS:
+        scope, _, param = key.rpartition(".")
+        if not key.startswith("net.layers.") or param not in TF_PARAMS:
             raise UserError(f"unexpected tensor {key!r} in the fid-helper TorchScript file")
-        name = f"{ours}.{name}" if ours else name
-        out[f"{name}.{_TF_PARAMS[param]}"] = value
-        if param == "beta":  # the TF graph's BatchNorm has no scale (gamma)
-            out[f"{name}.bn.weight"] = torch.ones_like(value)
+        units.setdefault(scope, {})[param] = value
+    with torch.device("meta"):
+        names = [n for n, m in FIDInceptionV3(fc=False).named_modules() if isinstance(m, ConvBN)]
+    if len(units) != len(names):
+        raise UserError(f"the fid-helper file has {len(units)} conv units, not {len(names)}")
+    out = {}
+    for name, params in zip(names, units.values()):
+        for param, value in params.items():
+            out[f"{name}.{TF_PARAMS[param]}"] = value
+        out[f"{name}.bn.weight"] = torch.ones_like(params["beta"])  # TF's BN has no scale
     return out
 
 

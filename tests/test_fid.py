@@ -157,21 +157,27 @@ def test_tf1_resize_by_hand():
     assert torch.allclose(y[0, 0, :, 0], torch.tensor([10.0, 15.0, 20.0, 20.0]))
 
 
-def test_fid_helper_conversion_names_every_unit():
-    # All 94 conv units of the TF graph map to distinct keys of ours, BN gamma filled in with ones.
-    sd = fid.FIDInceptionV3(fc=False).state_dict()
+def test_fid_helper_conversion_fits_every_unit():
+    # The real file's 376 keys and shapes, in its order: every unit lands on one of ours with the
+    # same shapes (a strict load), BN gamma filled in with ones. (The values: test_real_weights.)
+    lines = (ROOT / "tests" / "fixtures" / "fid_helper_keys.txt").read_text().splitlines()[1:]
+    g = torch.Generator().manual_seed(0)
     tf = {}
-    for block, (ours, kind) in fid._TF_BLOCKS.items():
-        for scope, unit in fid._TF_UNITS[kind].items():
-            for p, q in fid._TF_PARAMS.items():
-                tf[f"net.layers.{block}.{scope}.{p}"] = sd[f"{ours}.{unit}.{q}"]
-    for scope, unit in fid._TF_UNITS["stem"].items():
-        for p, q in fid._TF_PARAMS.items():
-            tf[f"net.layers.{scope}.{p}"] = sd[f"{unit}.{q}"]
-    assert len(tf) == 376  # the TorchScript file's count
-    assert set(fid.convert_fid_helper(tf)) == set(sd)
+    for line in lines:
+        key, shape = line.split("\t")
+        size = [int(n) for n in shape.strip("()").split(",") if n.strip()]
+        tf[key] = torch.rand(size, generator=g)
+    net = fid.FIDInceptionV3(fc=False)
+    common.load_official_weights(net, fid.convert_fid_helper(tf))
+    unit = net.Mixed_7c.branch_pool
+    assert torch.equal(unit.bn.running_var, tf["net.layers.mixed_10.tower_2_conv.var"])
+    assert torch.equal(unit.bn.weight, torch.ones(192))
     with pytest.raises(common.UserError, match="unexpected tensor"):
-        fid.convert_fid_helper({**tf, "net.layers.mixed.tower.conv_9.beta": torch.zeros(1)})
+        fid.convert_fid_helper({**tf, "net.layers.mixed.tower.conv_9.gamma": torch.zeros(1)})
+    del tf["net.layers.conv.weight"], tf["net.layers.conv.beta"]
+    del tf["net.layers.conv.mean"], tf["net.layers.conv.var"]
+    with pytest.raises(common.UserError, match="93 conv units, not 94"):
+        fid.convert_fid_helper(tf)
 
 
 def test_wrong_weights_are_refused(tmp_path):
