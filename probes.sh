@@ -24,7 +24,7 @@ if [ "${SMOKE:-0}" = 1 ]; then  # 2 steps per run, on the first 300 images (100 
   python - "$P/data" <<'PY'
 import sys
 from pathlib import Path
-from train_tok import read_idx
+from common import read_idx
 for kind in ("images-idx3", "labels-idx1"):  # idx: 0, 0, 8 (uint8), ndim, big-endian sizes, the bytes
     a = read_idx(f"data/t10k-{kind}-ubyte.gz")[:300]
     (out := Path(sys.argv[1]) / f"smoke-{kind}-ubyte").parent.mkdir(exist_ok=True)
@@ -62,7 +62,7 @@ measure() {  # measure WHAT ...: the evaluations below, in Python; each skips wh
 import json, sys
 from pathlib import Path
 import numpy as np, torch
-import fid, tokenizer
+import common, fid, tokenizer
 from train_gen import linear_probe
 
 P, n_fid, (what, out, pic), names = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:6], sys.argv[6:]
@@ -81,10 +81,10 @@ def encode(tok, x):  # uint8 images -> (N, K) ids, in batches of 100
     return torch.cat([tok.encode(b.float() / 255) for b in x.split(100)])
 
 def reconstruct(tok, ids, k=None):  # uint8 reconstructions from the first k tokens (all: k=None)
-    return torch.cat([tokenizer.to_uint8(tok.decode_tokens(i[:, :k])) for i in ids.split(100)])
+    return torch.cat([common.to_uint8(tok.decode_tokens(i[:, :k])) for i in ids.split(100)])
 
 def psnr(x, y):  # mean per-image PSNR, as fid.py rfid
-    return round(float(np.mean([tokenizer.psnr(a / 255, b / 255) for a, b in zip(x.float(), y.float())])), 2)
+    return round(float(np.mean([common.psnr(a / 255, b / 255) for a, b in zip(x.float(), y.float())])), 2)
 
 def rfid(rec):  # the first n_fid reconstructions against the same held-out images' statistics
     if net is None or ref is None:
@@ -93,7 +93,7 @@ def rfid(rec):  # the first n_fid reconstructions against the same held-out imag
     return round(fid.frechet_distance(ref["mu"], ref["sigma"], *fake), 2)
 
 def picture(rows, path):  # originals, then one row of 8 per entry
-    tokenizer.save_image(tokenizer.image_grid(torch.cat([r[:8] for r in rows]).float() / 255, 8), P / path)
+    common.save_image(common.image_grid(torch.cat([r[:8] for r in rows]).float() / 255, 8), P / path)
 
 result, ref = {}, (np.load(P / "ref_stats.npz") if (P / "ref_stats.npz").is_file() else None)
 if what == "ref" and net is not None:  # FID statistics of the first n_fid held-out images
