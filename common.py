@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------
 # 1. Errors and flags: bad input ends as one line `error: ...` and exit status 1.
@@ -89,6 +90,13 @@ def float_in(low: float, high: float, below_high: bool = False):
         return value
 
     return number
+
+
+def output_file(s: str) -> Path:
+    """An argparse type: a file to write, not a folder (missing folders are made)."""
+    if Path(s).is_dir():
+        raise argparse.ArgumentTypeError(f"{s} is a folder; give a file name")
+    return Path(s)
 
 
 def default_device() -> torch.device:
@@ -539,6 +547,41 @@ def world_mean(stats: dict[str, torch.Tensor]) -> dict[str, float]:
     world = dist.get_world_size() if dist.is_initialized() else 1
     values = world_sum(torch.stack([stats[k].float() for k in names])) / world
     return {k: round(v, 6) for k, v in zip(names, values.tolist())}
+
+
+def run_in_chunks(
+    folder: Path, fingerprint: dict, make_chunk, num_chunks: int, d: Dist, what: str, desc: str
+) -> list[Path]:
+    """Work split into chunks over the processes: chunk k is rank (k % world)'s, make_chunk(k) is
+    written atomically as folder/<k>.npy, and the chunks already written are skipped: a rerun
+    resumes. The folder records `fingerprint` (what the chunks depend on) before any chunk; a folder
+    made by another `what` is refused, never mixed in. Returns the chunk files, once every process
+    has written its own."""
+    stamp, key = folder / "fingerprint.json", json.dumps(fingerprint, sort_keys=True)
+    if stamp.exists() and read_text(stamp) != key:
+        raise UserError(f"{folder} was made by another {what}; delete it or use another output")
+    files = [folder / f"{k:06d}.npy" for k in range(num_chunks)]
+    todo = [k for k in range(num_chunks) if not files[k].exists()]  # before any process writes
+    if d.is_main:
+        write_atomic(stamp, lambda f: f.write(key.encode()))
+        if len(todo) < num_chunks:
+            print(f"resuming: {num_chunks - len(todo)}/{num_chunks} parts already in {folder}")
+    barrier()
+    mine = [k for k in todo if k % d.world == d.rank]
+    processes = f"{d.world} process{'es' if d.world > 1 else ''}"
+    for k in tqdm(mine, desc=f"{desc} ({processes})", disable=not d.is_main):
+        chunk = make_chunk(k)
+        write_atomic(files[k], lambda f: np.save(f, chunk))
+    barrier()
+    return files
+
+
+def read_text(path: Path) -> str | None:
+    """A file's text, or None when it cannot be read as text."""
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 # ----------------------------------------------------------------------------------------------

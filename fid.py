@@ -668,29 +668,23 @@ def build_parser() -> common.Parser:
     f.add_argument("--splits", type=common.positive_int, default=10, help="Inception Score splits")
     st = sub.add_parser("stats", help="write an input's statistics (mu, sigma)")
     st.add_argument("input", help="image folder or .npz of images")
-    st.add_argument("--out", type=Path, required=True, help="output .npz (mu, sigma, n, resize)")
+    st.add_argument("--out", type=common.output_file, required=True, help="mu, sigma, n, resize")
     r = sub.add_parser("rfid", help="rFID, IS, PSNR and codebook usage of a tokenizer")
     r.add_argument("--tokenizer", required=True, help="tokenizer checkpoint (see tokenizer.py)")
     r.add_argument("--preset", help="tokenizer preset when the checkpoint has no config")
     r.add_argument("--images", required=True, help="image folder, or .npz at the tokenizer's size")
-    r.add_argument("--save-stats", type=Path, help="also write the real images' statistics here")
+    r.add_argument("--save-stats", type=common.output_file, help="the real images' statistics")
     for q in (f, st):
-        q.add_argument(
-            "--crop", type=common.positive_int, help="resize + centre-crop folders first"
-        )
+        q.add_argument("--crop", type=common.positive_int, help="resize + centre-crop folders")
     for q in (f, st, r):
-        q.add_argument("--inception", help="weights (default: $TITOK_INCEPTION, torch.hub's cache)")
+        q.add_argument("--inception", help="weights (default: $TITOK_INCEPTION, torch.hub's)")
         q.add_argument(
             "--resize", choices=["tf1", "torch"], default="tf1", help="torch: pytorch-fid"
         )
-        q.add_argument(
-            "--batch-size", type=common.positive_int, default=50, help="per forward pass"
-        )
+        q.add_argument("--batch-size", type=common.positive_int, default=50, help="per forward")
         q.add_argument("--device", type=common.device_arg, default=common.default_device())
-        q.add_argument(
-            "--dtype", choices=list(DTYPES), default="fp32", help="TiTok's evaluator: fp64"
-        )
-        q.add_argument("--json", type=Path, help="write this run's numbers to this JSON file")
+        q.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="TiTok's eval: fp64")
+        q.add_argument("--json", type=common.output_file, help="this run's numbers, as JSON")
     return p
 
 
@@ -703,9 +697,6 @@ def main(argv: list[str] | None = None) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     with common.one_line_errors():
         args = build_parser().parse_args(argv)
-        for file in (args.json, getattr(args, "out", None), getattr(args, "save_stats", None)):
-            if file is not None and file.is_dir():
-                raise UserError(f"{file} is a folder; give a file name")
         began = time.perf_counter()
         stats, stats_file = None, None
         if args.command == "rfid":

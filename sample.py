@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import common
 import generator
@@ -81,19 +80,14 @@ def run_grid(args, sample, labels: list[int], settings: dict, d: common.Dist) ->
 # 3. The evaluation protocol: --num-samples images into one .npz, resumable, over torchrun ranks.
 
 
-def stored_fingerprint(path: Path) -> str | None:
-    try:
-        return path.read_text() if path.suffix == ".json" else str(np.load(path)["fingerprint"])
-    except Exception:  # unreadable, or not made by this script: refused like another run's file
-        return None
-
-
 def run_npz(args, sample, labels: list[int], settings: dict, d: common.Dist) -> None:
-    """Rank r samples batches b = r, r + world, ... into `<npz>.shards/<b>.npy`, skipping finished
-    ones (that is the resume); rank 0 then joins them into the .npz and removes the shards."""
+    """Rank r samples the batches b = r, r + world, ... into `<npz>.shards/`, skipping the finished
+    ones (common.run_in_chunks: a rerun resumes); rank 0 then joins them into the .npz and removes
+    the shards."""
     out, shards, start = args.npz, Path(f"{args.npz}.shards"), time.perf_counter()
-    # Everything the samples depend on; the models by CONTENT (retrained at the same path: another model).
-    fp = {
+    # Everything the samples depend on; the models by CONTENT (retrained at the same path: another
+    # model).
+    fingerprint = {
         "generator_sha256": common.sha256_of(args.ckpt),
         "tokenizer_sha256": common.sha256_of(args.tokenizer),
         "num_samples": args.num_samples,
@@ -103,122 +97,68 @@ def run_npz(args, sample, labels: list[int], settings: dict, d: common.Dist) -> 
         "dtype": args.dtype,
         "settings": settings,
     }
-    stamp, key = shards / "fingerprint.json", json.dumps(fp, sort_keys=True)
-    if bad := [p for p in (out, stamp) if p.exists() and stored_fingerprint(p) != key]:
-        raise UserError(
-            f"{bad[0]} was made by another generator/tokenizer or settings; "
-            "delete it or choose another --npz"
-        )
+    key = json.dumps(fingerprint, sort_keys=True)
+    what = "generator/tokenizer or settings"
     if out.exists():
+        if stored_fingerprint(out) != key:
+            raise UserError(f"{out} was made by another {what}; delete it or choose another --npz")
         if d.is_main:
             shutil.rmtree(shards, ignore_errors=True)  # left over when killed right after the join
             print(f"{out} already holds these {args.num_samples} samples; nothing to do")
         return
-    shard, num_batches = lambda b: shards / f"{b:06d}.npy", math.ceil(len(labels) / args.batch_size)
-    todo = [b for b in range(num_batches) if not shard(b).exists()]  # listed before anyone samples
-    if d.is_main:
-        shards.mkdir(parents=True, exist_ok=True)
-        common.write_atomic(stamp, lambda f: f.write(key.encode()))
-        if todo != list(range(num_batches)):
-            print(f"resuming: {num_batches - len(todo)}/{num_batches} batches already in {shards}")
-    common.barrier()  # the stamp is written before any shard
-    mine = [b for b in todo if b % d.world == d.rank]
-    for b in tqdm(
-        mine,
-        desc=f"sampling ({d.world} process{'es' if d.world > 1 else ''})",
-        disable=not d.is_main,
-    ):
-        images = sample(b)
-        common.write_atomic(shard(b), lambda f: np.save(f, images))
-    common.barrier()  # every shard is written
+    num_batches = math.ceil(len(labels) / args.batch_size)
+    files = common.run_in_chunks(shards, fingerprint, sample, num_batches, d, what, "sampling")
     if not d.is_main:
         return
-    # All samples in memory once (the shards are memory-mapped): 9.8 GB for 50k at 256 px, as ADM/DiT.
-    images = np.concatenate([np.load(shard(b), mmap_mode="r") for b in range(num_batches)])
-    common.write_atomic(
-        out,
-        lambda f: np.savez(f, arr_0=images, labels=np.asarray(labels), fingerprint=np.array(key)),
-    )
+
+    # All samples in memory once (the shards are memory-mapped): 9.8 GB for 50k at 256 px, as
+    # ADM's and DiT's samplers.
+    images = np.concatenate([np.load(f, mmap_mode="r") for f in files])
+    arrays = dict(arr_0=images, labels=np.asarray(labels), fingerprint=np.array(key))
+    common.write_atomic(out, lambda f: np.savez(f, **arrays))
     shutil.rmtree(shards)
-    summary = dict(fp, wall_s=round(time.perf_counter() - start, 1), processes=d.world)
-    common.write_atomic(
-        out.with_suffix(".json"), lambda f: f.write(json.dumps(summary, indent=1).encode())
-    )
-    print(
-        f"wrote {out}: {len(images)} samples (arr_0 uint8 {images.shape}, labels), {out.with_suffix('.json')}"
-    )
+    summary = dict(fingerprint, wall_s=round(time.perf_counter() - start, 1), processes=d.world)
+    common.write_json(out.with_suffix(".json"), summary)
+    print(f"wrote {out}: {len(images)} samples (arr_0 uint8 {images.shape}, labels) and its .json")
+
+
+def stored_fingerprint(path: Path) -> str | None:
+    """The fingerprint an .npz of this script records (None if unreadable or foreign)."""
+    try:
+        return str(np.load(path)["fingerprint"])
+    except Exception:  # unreadable, or not made by this script: refused like another run's file
+        return None
 
 
 # 4. Command line.
 
 
-def output_file(s: str) -> Path:
-    """argparse type: a file to write, not a folder (checked before any sampling; missing folders are made)."""
-    if Path(s).is_dir():
-        raise argparse.ArgumentTypeError(f"{s} is a folder; give a file name")
-    return Path(s)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = common.Parser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--ckpt",
-        required=True,
-        help="generator: our checkpoint, official .bin/.safetensors, HF folder",
-    )
+    p.add_argument("--ckpt", required=True, help="generator: ours, official .bin/.safetensors, HF")
     p.add_argument("--tokenizer", required=True, help="tokenizer: likewise")
-    p.add_argument(
-        "--classes", type=int, nargs="+", help="class ids (grid: the first 8; --npz: all, cycled)"
-    )
-    p.add_argument(
-        "--per-class",
-        type=common.positive_int,
-        default=4,
-        help="grid: images per class (one row each)",
-    )
-    p.add_argument("--out", type=output_file, default="grid.png", help="grid: output .png")
-    p.add_argument(
-        "--num-samples", type=common.positive_int, help="evaluation: number of samples (with --npz)"
-    )
-    p.add_argument(
-        "--npz", type=output_file, help="evaluation: output .npz (arr_0 uint8 (N, H, W, 3), labels)"
-    )
+    p.add_argument("--classes", type=int, nargs="+", help="grid: the first 8; --npz: all, cycled")
+    p.add_argument("--per-class", type=common.positive_int, default=4, help="grid: images per row")
+    p.add_argument("--out", type=common.output_file, default="grid.png", help="grid: the .png")
+    p.add_argument("--num-samples", type=common.positive_int, help="evaluation: with --npz")
+    p.add_argument("--npz", type=common.output_file, help="evaluation: arr_0 (N, H, W, 3), labels")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--batch-size",
-        type=common.positive_int,
-        default=32,
-        help="part of the seed layout: keep it to resume",
-    )
-    p.add_argument(
-        "--device", type=common.device_arg, help="cpu, cuda, cuda:N (default: cuda if any)"
-    )
+    p.add_argument("--batch-size", type=common.positive_int, default=32, help="keep it to resume")
+    p.add_argument("--device", type=common.device_arg, help="cpu, cuda, cuda:N")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    s = p.add_argument_group(
-        "sampling (default: generator.DEFAULT_SAMPLING of the generator's preset)"
-    )
+    s = p.add_argument_group("sampling (default: generator.DEFAULT_SAMPLING of the preset)")
     s.add_argument("--num-steps", type=common.positive_int)
     s.add_argument("--guidance-scale", type=common.float_in(0, 100))
     s.add_argument("--guidance-schedule", choices=("constant", "linear", "power-cosine"))
-    s.add_argument(
-        "--guidance-pow", type=common.float_in(0, 100), help="exponent of the power-cosine schedule"
-    )
-    s.add_argument(
-        "--temperature",
-        type=common.float_in(1e-3, 100),
-        help="constant softmax temperature (1 = off)",
-    )
-    s.add_argument(
-        "--randomize-temperature",
-        type=common.float_in(0, 100),
-        help="Gumbel noise scale (0 = greedy)",
-    )
+    s.add_argument("--guidance-pow", type=common.float_in(0, 100), help="of power-cosine")
+    s.add_argument("--temperature", type=common.float_in(1e-3, 100), help="softmax (1 = off)")
+    s.add_argument("--randomize-temperature", type=common.float_in(0, 100), help="Gumbel noise")
     s.add_argument("--softmax-annealing", action=argparse.BooleanOptionalAction)
     s.add_argument(
         "--mask-schedule",
         choices=("arccos", "cosine", "linear"),
         default="arccos",
-        help="share of tokens still masked after each step (MaskGIT Sec. 3.3)",
+        help="the share of tokens still masked after each step (MaskGIT Sec. 3.3)",
     )
     args = p.parse_args(argv)
     if (args.num_samples is None) != (args.npz is None) or (args.npz and args.npz.suffix != ".npz"):

@@ -654,9 +654,9 @@ class TiTokConfig:
 VIT_SIZES = {"small": (512, 8, 8), "base": (768, 12, 12), "large": (1024, 24, 16)}
 
 
-def vit_fields(encoder: str, decoder: str) -> dict:
-    """The TiTokConfig fields of an encoder and a decoder size, e.g. ("base", "large")."""
-    (ew, el, eh), (dw, dl, dh) = VIT_SIZES[encoder], VIT_SIZES[decoder]
+def vit(encoder: str, decoder: str, sizes: dict = VIT_SIZES) -> dict:
+    """The TiTokConfig fields of an encoder and a decoder size, e.g. vit("base", "large")."""
+    (ew, el, eh), (dw, dl, dh) = sizes[encoder], sizes[decoder]
     return dict(
         enc_width=ew, enc_layers=el, enc_heads=eh, dec_width=dw, dec_layers=dl, dec_heads=dh
     )
@@ -669,35 +669,24 @@ VAE16 = dict(quantize_mode="vae", token_size=16, codebook_size=0, use_l2_norm=Fa
 
 PRESETS: dict[str, TiTokConfig] = {
     # two-stage, Tables 1 and 3 of the paper (an l2-normalised 4096 x 12 codebook)
-    "titok_l32": TiTokConfig(num_latent_tokens=32, **vit_fields("large", "large")),
-    "titok_b64": TiTokConfig(num_latent_tokens=64, **vit_fields("base", "base")),
-    "titok_s128": TiTokConfig(num_latent_tokens=128, **vit_fields("small", "small")),
+    "titok_l32": TiTokConfig(num_latent_tokens=32, **vit("large", "large")),
+    "titok_b64": TiTokConfig(num_latent_tokens=64, **vit("base", "base")),
+    "titok_s128": TiTokConfig(num_latent_tokens=128, **vit("small", "small")),
     # single-stage VQ with an 8192 x 64 codebook (no l2 norm)
-    "titok_bl64_vq8k": TiTokConfig(num_latent_tokens=64, **vit_fields("base", "large"), **VQ8K),
-    "titok_bl128_vq8k": TiTokConfig(num_latent_tokens=128, **vit_fields("base", "large"), **VQ8K),
-    "titok_sl256_vq8k": TiTokConfig(num_latent_tokens=256, **vit_fields("small", "large"), **VQ8K),
+    "titok_bl64_vq8k": TiTokConfig(num_latent_tokens=64, **vit("base", "large"), **VQ8K),
+    "titok_bl128_vq8k": TiTokConfig(num_latent_tokens=128, **vit("base", "large"), **VQ8K),
+    "titok_sl256_vq8k": TiTokConfig(num_latent_tokens=256, **vit("small", "large"), **VQ8K),
     # single-stage VAE, 16 channels per token
-    "titok_ll32_vae_c16": TiTokConfig(
-        num_latent_tokens=32, **vit_fields("large", "large"), **VAE16
-    ),
-    "titok_bl64_vae_c16": TiTokConfig(num_latent_tokens=64, **vit_fields("base", "large"), **VAE16),
-    "titok_bl128_vae_c16": TiTokConfig(
-        num_latent_tokens=128, **vit_fields("base", "large"), **VAE16
-    ),
+    "titok_ll32_vae_c16": TiTokConfig(num_latent_tokens=32, **vit("large", "large"), **VAE16),
+    "titok_bl64_vae_c16": TiTokConfig(num_latent_tokens=64, **vit("base", "large"), **VAE16),
+    "titok_bl128_vae_c16": TiTokConfig(num_latent_tokens=128, **vit("base", "large"), **VAE16),
     # for tests and CPU demos (Fashion-MNIST padded to 32 px): single-stage, 32 tokens
     "tiny": TiTokConfig(
         image_size=32,
         patch_size=4,
         num_latent_tokens=32,
-        enc_width=128,
-        enc_layers=4,
-        enc_heads=4,
-        dec_width=128,
-        dec_layers=4,
-        dec_heads=4,
-        token_size=12,
         codebook_size=1024,
-        use_l2_norm=True,
+        **vit("tiny", "tiny", {"tiny": (128, 4, 4)}),
         **SINGLE_STAGE,
     ),
 }
@@ -735,20 +724,11 @@ def config_from_official(
             raise UserError("encoder and decoder patch sizes differ; no released model does that")
         legacy = vq.get("is_legacy", True)  # the reference's defaults
         mode = vq.get("quantize_mode", "vq")
-        (ew, el, eh), (dw, dl, dh) = (
-            sizes[vq["vit_enc_model_size"]],
-            sizes[vq["vit_dec_model_size"]],
-        )
         return TiTokConfig(
             image_size=image_size,
             patch_size=vq["vit_enc_patch_size"],
             num_latent_tokens=vq["num_latent_tokens"],
-            enc_width=ew,
-            enc_layers=el,
-            enc_heads=eh,
-            dec_width=dw,
-            dec_layers=dl,
-            dec_heads=dh,
+            **vit(vq["vit_enc_model_size"], vq["vit_dec_model_size"], sizes),
             token_size=vq["token_size"],
             codebook_size=vq.get("codebook_size", 0) if mode == "vq" else 0,
             quantize_mode=mode,

@@ -80,8 +80,9 @@ TINY_CPU = dict(
 )
 
 # ----------------------------------------------------------------------------------------------
-# 2. Pre-tokenisation. Chunk k of CHUNK images belongs to rank k % world, written atomically as
-#    parts/<split>_<k>.npz (a rerun skips finished chunks); rank 0 merges them, meta.json last.
+# 2. Pre-tokenisation: the dataset is encoded ONCE, each training image as it is and mirrored (the
+#    official pipeline's augmentation), in chunks of CHUNK images spread over the processes
+#    (common.run_in_chunks: a rerun resumes); meta.json, written last, marks a finished folder.
 
 CHUNK = 512
 
@@ -95,24 +96,23 @@ def tokenize(
     batch_size: int = 64,
     eval_size: int = EVAL_SIZE,
 ) -> dict:
-    """Encode the training images (and their flipped copies) and the held-out ones into token ids:
+    """Encode the training images (and their mirror images) and the held-out ones into token ids:
     out/{tokens,labels,heldout_tokens,heldout_labels}.npy and meta.json."""
-    began, parts = time.perf_counter(), out / "parts"
+    began = time.perf_counter()
     tok = tokenizer.load_tokenizer(tokenizer_path).to(d.device)
-    # What the tokens depend on: earlier output (a finished set, or an interrupted run's parts)
-    # made with another tokenizer, data or split is refused, never returned or mixed in.
+    # What the tokens depend on: tokens (or an interrupted run's parts) made with another
+    # tokenizer, data or split are refused, never returned or mixed in.
     stamp = dict(
         tokenizer_sha256=common.sha256_of(tokenizer_path),
         data_path=str(Path(data).resolve()),
         eval_size=eval_size,
     )
-    for f in (out / "meta.json", parts / "stamp.json"):
-        if f.is_file() and {k: json.loads(f.read_text()).get(k) for k in stamp} != stamp:
-            raise UserError(
-                f"{f} was made with another tokenizer, --data or --eval-size; use another --out"
-            )
+    what = "tokenizer, --data or --eval-size"
     if (out / "meta.json").is_file():
-        return json.loads((out / "meta.json").read_text())
+        meta = json.loads((out / "meta.json").read_text())
+        if {k: meta.get(k) for k in stamp} != stamp:
+            raise UserError(f"{out / 'meta.json'} was made with another {what}; use another --out")
+        return meta
     if tok.quantize is None:
         raise UserError(
             f"{tokenizer_path} is a VAE tokenizer (continuous latents); MaskGIT needs token ids"
@@ -120,66 +120,53 @@ def tokenize(
     source = common.open_image_source(data, tok.config.image_size, random_crop=False)
     # train_tok.py's held-out split: images the tokenizer never trained on, nor will the generator
     train_idx, held_idx = common.split_heldout(len(source.labels), eval_size)
-    jobs = []  # (split, chunk number, image indices, flipped)
-    for name, indices, flip in (
-        ("orig", train_idx, False),
-        ("flip", train_idx, True),
-        ("heldout", held_idx, False),
-    ):
-        for k, s in enumerate(range(0, len(indices), CHUNK)):
-            jobs.append((name, k, indices[s : s + CHUNK], flip))
-    if d.is_main:
-        common.write_json(parts / "stamp.json", stamp)
-    common.barrier()
+    chunks = []  # (image indices, mirrored): the training images, mirrored, then the held-out ones
+    for indices, mirrored in ((train_idx, False), (train_idx, True), (held_idx, False)):
+        chunks += [(indices[s : s + CHUNK], mirrored) for s in range(0, len(indices), CHUNK)]
+    id_type = np.uint16 if tok.config.codebook_size <= 2**16 else np.int32
 
-    for name, k, indices, flip in jobs[d.rank :: d.world]:
-        part = parts / f"{name}_{k:05d}.npz"
-        if part.is_file():
-            continue  # done by an earlier, interrupted run
-        ids, labels = [], []
+    def encode(k: int) -> np.ndarray:
+        indices, mirrored = chunks[k]
+        ids = []
         for i in range(0, len(indices), batch_size):
-            pairs = [source.load(int(j), None) for j in indices[i : i + batch_size]]
-            x = torch.stack([p[0] for p in pairs]).to(d.device).float() / 255.0  # (b, 3, S, S)
+            x = torch.stack([source.load(int(j), None)[0] for j in indices[i : i + batch_size]])
+            x = x.to(d.device).float() / 255.0  # (b, 3, S, S), the evaluation transform
             # Under bf16 the ViT runs in bf16 but the nearest-code search does not: the quantizer
             # switches autocast off and picks every id in fp32 (bf16 rounding flips near-ties).
             with torch.no_grad(), common.autocast(d.device, dtype):
-                ids.append(tok.encode(x.flip(-1) if flip else x).cpu().numpy())  # (b, K)
-            labels += [p[1] for p in pairs]
-        id_type = np.uint16 if tok.config.codebook_size <= 2**16 else np.int32
-        ids = np.concatenate(ids).astype(id_type)
-        labels = np.asarray(labels, np.int16)
-        common.write_atomic(part, lambda f: np.savez(f, ids=ids, labels=labels))
-        if d.is_main:
-            count = sum(job[0] == name for job in jobs)
-            print(f"tokenize: {name} chunk {k + 1} of {count}", flush=True)
-    common.barrier()
+                ids.append(tok.encode(x.flip(-1) if mirrored else x).cpu().numpy())  # (b, K)
+        return np.concatenate(ids).astype(id_type)
 
+    parts = common.run_in_chunks(out / "parts", stamp, encode, len(chunks), d, what, "tokenize")
     if d.is_main:
-
-        def merged(*names):
-            arrays = [np.load(p) for n in names for p in sorted(parts.glob(f"{n}_*.npz"))]
-            return [np.concatenate([a[k] for a in arrays]) for k in ("ids", "labels")]
-
-        ids, labels = merged("orig", "flip")
-        held = merged("heldout") if len(held_idx) else (ids[:0], labels[:0])
-        names = ("tokens", "labels", "heldout_tokens", "heldout_labels")
-        for name, array in zip(names, (ids, labels, *held)):
+        num_train = 2 * -(-len(train_idx) // CHUNK)  # the chunks of the training images, twice
+        ids = [np.load(p) for p in parts]
+        tokens = np.concatenate(ids[:num_train])
+        held = np.concatenate(ids[num_train:]) if len(held_idx) else tokens[:0]
+        labels = np.asarray(source.labels, np.int16)
+        arrays = {
+            "tokens": tokens,
+            "labels": labels[np.concatenate([train_idx, train_idx])],
+            "heldout_tokens": held,
+            "heldout_labels": labels[held_idx],
+        }
+        for name, array in arrays.items():
             np.save(out / f"{name}.npy", array)
         meta = {
             "codebook_size": tok.config.codebook_size,
             "num_tokens": tok.config.num_latent_tokens,
-            "train": len(ids),
-            "heldout": len(held[0]),
+            "train": len(tokens),
+            "heldout": len(held),
             "data": source.description,
             "tokenizer": str(Path(tokenizer_path).resolve()),
             **stamp,
             "wall_s": round(time.perf_counter() - began, 1),
         }
         common.write_json(out / "meta.json", meta)  # written last: the folder is complete
-        shutil.rmtree(parts)
+        shutil.rmtree(out / "parts")
         print(
-            f"tokenised {source.description}: {len(ids)} sequences (with flipped copies), "
-            f"{len(held[0])} held out"
+            f"tokenised {source.description}: {len(tokens)} sequences (with mirror images), "
+            f"{len(held)} held out"
         )
     common.barrier()
     return json.loads((out / "meta.json").read_text())
@@ -283,31 +270,31 @@ def train_step(
     step: int,
 ) -> dict[str, torch.Tensor]:
     """ids (B, K), labels (B,) on the device, `positions` their places in the sample stream."""
-    t, r, net = trainer, trainer.recipe, trainer.net
-    set_lr(t.opt, lr_at(step, r.lr, r.end_lr, r.warmup_steps, r.max_steps))
-    t.model.train()
+    r, net = trainer.recipe, trainer.net
+    set_lr(trainer.opt, lr_at(step, r.lr, r.end_lr, r.warmup_steps, r.max_steps))
+    trainer.model.train()
     masked = [
         mask_sample(ids[i : i + 1].cpu(), labels[i : i + 1].cpu(), pos, r, net)
         for i, pos in enumerate(positions)
     ]
     inputs, mask, cond = (torch.cat(v).to(ids.device) for v in zip(*masked))
-    with common.autocast(t.dist.device, t.dtype):
-        logits = t.model(inputs, cond)  # (B, K, codebook)
+    with common.autocast(trainer.dist.device, trainer.dtype):
+        logits = trainer.model(inputs, cond)  # (B, K, codebook)
     loss, accuracy = generator.masked_token_loss(
         logits.float(), ids, mask, r.label_smoothing, r.unmasked_weight
     )
     # masked_token_loss normalises by this rank's total token weight. Rescaled, DDP's gradient
     # average equals the loss of the whole global batch normalised once (as one process would).
     weight = (mask.sum() + r.unmasked_weight * (~mask).sum()).float()
-    share = weight * t.dist.world / common.world_sum(weight)
-    common.check_finite(loss, "loss", step, t.last_checkpoint)
+    share = weight * trainer.dist.world / common.world_sum(weight)
+    common.check_finite(loss, "loss", step, trainer.last_checkpoint)
     (loss * share).backward()
 
     grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), r.grad_clip)
-    common.check_finite(grad_norm, "gradient norm", step, t.last_checkpoint)
-    t.opt.step()
-    t.opt.zero_grad(set_to_none=True)
-    t.ema.update(net)
+    common.check_finite(grad_norm, "gradient norm", step, trainer.last_checkpoint)
+    trainer.opt.step()
+    trainer.opt.zero_grad(set_to_none=True)
+    trainer.ema.update(net)
     return {
         "loss": loss.detach(),
         "masked_accuracy": accuracy.detach(),
@@ -383,10 +370,8 @@ def model_config(run: argparse.Namespace) -> generator.GeneratorConfig:
     if run.width or run.depth:
         width = run.width or cfg.hidden_size
         if width % cfg.num_heads:
-            raise UserError(
-                f"--width {width} is not a multiple of {run.preset}'s {cfg.num_heads} attention "
-                "heads"
-            )
+            heads = f"{run.preset}'s {cfg.num_heads} attention heads"
+            raise UserError(f"--width {width} is not a multiple of {heads}")
         depth = run.depth or cfg.num_layers
         cfg = dataclasses.replace(cfg, hidden_size=width, mlp_dim=4 * width, num_layers=depth)
     return cfg

