@@ -6,7 +6,8 @@ traceback), flag types that refuse bad values before any work starts, files writ
 weights read without running pickled code, images opened in any PIL mode, and the torchrun set-up,
 checkpoints and exact resume that both trainers use.
 
-Sections: 1 errors and flags, 2 files and weights, 3 images, 4 torchrun, 5 checkpoints, resume, logs.
+Sections: 1 errors and flags, 2 files and weights, 3 images and datasets, 4 torchrun, 5 checkpoints,
+exact resume and logs.
 This module imports no chapter.
 """
 
@@ -45,7 +46,8 @@ class UserError(ValueError):
 
 @contextlib.contextmanager
 def one_line_errors():
-    """Every CLI runs in this: a UserError or OSError ends it as `error: <one line>` (from rank 0)."""
+    """Every CLI runs in this: a UserError or an OSError ends it as `error: <one line>`, printed by
+    rank 0."""
     try:
         yield
     except (UserError, OSError) as e:
@@ -247,7 +249,8 @@ def checkpoint_weights(ckpt: dict, kind: str, path: str | os.PathLike) -> tuple[
     weights when the checkpoint has them."""
     if ckpt.get("kind") != kind or not {"config", "model"} <= set(ckpt):
         raise UserError(
-            f"{path} is not a {kind} checkpoint (kind {ckpt.get('kind')!r}, keys {sorted(ckpt)[:8]})"
+            f"{path} is not a {kind} checkpoint "
+            f"(kind {ckpt.get('kind')!r}, keys {sorted(ckpt)[:8]})"
         )
     weights = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
     return ckpt["config"], weights
@@ -645,7 +648,8 @@ def resolve(parser, argv: list[str], ckpt: dict | None, base, fixed: tuple[str, 
         for k in fixed:
             if before.get(k) != after.get(k):
                 raise UserError(
-                    f"--resume: {now.out} was trained with --{k.replace('_', '-')} {before.get(k)}, "
+                    f"--resume: {now.out} was trained with "
+                    f"--{k.replace('_', '-')} {before.get(k)}, "
                     f"not {after.get(k)} (resume with the same value, or use another --out)"
                 )
         return now, recipe
@@ -682,8 +686,8 @@ def checkpoint(parts: dict, d: Dist, **values) -> dict:
 
 
 def restore(ckpt: dict | None, parts: dict, d: Dist, seed: int) -> None:
-    """Load the parts and continue the RNG streams; a new run seeds seed + rank (+ the step, when the
-    number of processes changed)."""
+    """Load the parts and continue the RNG streams; a new run seeds seed + rank (+ the step, when
+    the number of processes changed)."""
     if ckpt is not None:
         for k, part in parts.items():
             if part is not None:

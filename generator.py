@@ -269,7 +269,8 @@ def cast_matmuls(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Mo
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, dropout_p: float = 0.0
 ) -> torch.Tensor:
-    """Multi-head scaled dot-product attention of both generators: q, k, v (B, L, D) -> (B, L, D)."""
+    """The multi-head scaled dot-product attention of both generators: q, k, v (B, L, D) ->
+    (B, L, D)."""
     B, L, D = q.shape
     q, k, v = (t.view(B, L, num_heads, D // num_heads).transpose(1, 2) for t in (q, k, v))
     y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, heads, L, D / heads)

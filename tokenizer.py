@@ -164,11 +164,7 @@ class VectorQuantizer(nn.Module):
     TiTok's (B, C, 1, K) tokens or a VQGAN's (B, C, h, w) codes."""
 
     def __init__(
-        self,
-        codebook_size: int,
-        token_size: int,
-        commitment_cost: float = 0.25,
-        use_l2_norm: bool = False,
+        self, codebook_size: int, token_size: int, commitment_cost=0.25, use_l2_norm=False
     ):
         super().__init__()
         self.embedding = nn.Embedding(codebook_size, token_size)
@@ -371,17 +367,13 @@ class TiTok(nn.Module):
         # The official order: initialise encoder and decoder, *then* create the quantizer (which
         # keeps its own small uniform init) and the pixel decoder (loaded from a MaskGIT-VQGAN).
         self.apply(init_weights)
-        self.quantize = None
-        if not vae:
-            self.quantize = VectorQuantizer(
-                c.codebook_size, c.token_size, c.commitment_cost, c.use_l2_norm
-            )
+        codebook = (c.codebook_size, c.token_size, c.commitment_cost, c.use_l2_norm)
+        self.quantize = None if vae else VectorQuantizer(*codebook)
         if c.pixel_decoder:
             v = c.vqgan
             self.pixel_quantize = VectorQuantizer(v.num_embeddings, v.z_channels)
-            self.pixel_decoder = VQGANDecoder(
-                v.hidden_channels, v.channel_mult, v.num_res_blocks, v.z_channels
-            )
+            sizes = (v.hidden_channels, v.channel_mult, v.num_res_blocks, v.z_channels)
+            self.pixel_decoder = VQGANDecoder(*sizes)
 
     def encoder_latents(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, C, 1, K) continuous latents (2C channels for a VAE)."""
@@ -391,7 +383,7 @@ class TiTok(nn.Module):
         return self.encoder(images, self.latent_tokens)
 
     def quantize_latents(self, z: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """(B, C, 1, K) -> (quantised or sampled latents, losses and stats: ids, or the VAE's KL)."""
+        """(B, C, 1, K) -> (quantised or sampled latents, losses and stats: ids or the VAE's KL)."""
         if self.quantize is not None:
             return self.quantize(z)
         posterior = gaussian_posterior(z)
@@ -451,9 +443,7 @@ class TiTok(nn.Module):
             )
         return self.decode(self.quantize.lookup(ids.long()))
 
-    def forward(
-        self, images: torch.Tensor, keep: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, dict]:
+    def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> tuple:
         """Training: (reconstruction or proxy-code logits, quantizer losses and stats)."""
         zq, result = self._encode(images)
         return self.decode(zq, keep), result

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
@@ -232,13 +233,7 @@ class GenTrainer:
     """What a step touches: the network `net` (called through `model`: DDP(net) when
     distributed), AdamW, EMA."""
 
-    def __init__(
-        self,
-        recipe: GenRecipe,
-        d: common.Dist,
-        net: generator.MaskedTokenModel,
-        dtype: str = "fp32",
-    ):
+    def __init__(self, recipe: GenRecipe, d: common.Dist, net: nn.Module, dtype: str = "fp32"):
         r = self.recipe = recipe
         self.dist, self.dtype = d, dtype
         self.net = net.to(d.device)
@@ -262,13 +257,7 @@ def mask_sample(ids: torch.Tensor, label: torch.Tensor, position: int, r: GenRec
     return inputs, mask, label
 
 
-def train_step(
-    trainer: GenTrainer,
-    ids: torch.Tensor,
-    labels: torch.Tensor,
-    positions: list[int],
-    step: int,
-) -> dict[str, torch.Tensor]:
+def train_step(trainer: GenTrainer, ids, labels, positions: list[int], step: int) -> dict:
     """ids (B, K), labels (B,) on the device, `positions` their places in the sample stream."""
     r, net = trainer.recipe, trainer.net
     set_lr(trainer.opt, lr_at(step, r.lr, r.end_lr, r.warmup_steps, r.max_steps))
@@ -304,12 +293,7 @@ def train_step(
 
 @torch.no_grad()
 def heldout_accuracy(
-    net: generator.MaskedTokenModel,
-    ids: torch.Tensor,
-    labels: torch.Tensor,
-    recipe: GenRecipe,
-    device: torch.device,
-    batch: int = 256,
+    net, ids: torch.Tensor, labels: torch.Tensor, recipe, device, batch=256
 ) -> float:
     """Masked-token accuracy on held-out sequences, with the same masks at every evaluation."""
     g, correct, total = torch.Generator().manual_seed(12345), 0.0, 0.0
