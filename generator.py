@@ -229,16 +229,17 @@ def generate(
 
 class MaskedTokenModel(nn.Module):
     """Both generators: the token space of the module docstring; forward(ids, labels) -> logits
-    (B, N, K)."""
+    (B, N, K). Like TiTok, the whole model reads its config; its modules take explicit arguments."""
 
-    def __init__(self, codebook_size: int, seq_len: int, num_classes: int):
+    def __init__(self, config: GeneratorConfig):
         super().__init__()
-        self.codebook_size = codebook_size
-        self.seq_len = seq_len
-        self.num_classes = num_classes
-        self.mask_id = codebook_size  # the [MASK] id
-        self.null_label = num_classes  # the "no class" label
-        self.vocab_size = codebook_size + num_classes + 2
+        self.config, self.preset = config, None  # (the preset: set by load_generator)
+        self.codebook_size = config.codebook_size
+        self.seq_len = config.seq_len
+        self.num_classes = config.num_classes
+        self.mask_id = config.codebook_size  # the [MASK] id
+        self.null_label = config.num_classes  # the "no class" label
+        self.vocab_size = config.codebook_size + config.num_classes + 2
 
     def input_sequence(self, input_ids: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
         """[class token, N image tokens] (B, 1+N); class c becomes id K+1+c, the null label C
@@ -334,38 +335,26 @@ class ImageBert(MaskedTokenModel):
     """TiTok-L-32 / B-64's transformer. The checkpoint calls its body `model`: embeddings,
     encoder.layer.i, lm_head."""
 
-    def __init__(
-        self,
-        codebook_size: int,
-        seq_len: int,
-        num_classes: int,
-        hidden_size: int,
-        num_layers: int,
-        num_heads: int,
-        mlp_dim: int,
-        dropout: float = 0.1,
-        attn_dropout: float = 0.1,
-    ):
-        super().__init__(codebook_size, seq_len, num_classes)
-        D = hidden_size
+    def __init__(self, config: GeneratorConfig):
+        super().__init__(config)
+        D, dropout, attn_dropout = config.hidden_size, config.dropout, config.attn_dropout
         embeddings = nn.ModuleDict(
             {
                 "word_embeddings": nn.Embedding(self.vocab_size, D),
-                "position_embeddings": nn.Embedding(seq_len + 1, D),  # learned absolute positions
+                "position_embeddings": nn.Embedding(self.seq_len + 1, D),  # learned positions
                 "token_type_embeddings": nn.Embedding(2, D),  # BERT's sentence A/B: row 0 only
                 "LayerNorm": nn.LayerNorm(D, eps=1e-12),
                 "dropout": nn.Dropout(dropout),
             }
         )
-        layers = [
-            BertLayer(D, num_heads, mlp_dim, dropout, attn_dropout) for _ in range(num_layers)
-        ]
+        layer = (D, config.num_heads, config.mlp_dim, dropout, attn_dropout)
+        layers = [BertLayer(*layer) for _ in range(config.num_layers)]
         body = {
             "embeddings": embeddings,
             "encoder": nn.ModuleDict({"layer": nn.ModuleList(layers)}),
             # Untied: its own (K, D) weight, not the word embeddings (recent `transformers` would
             # tie them).
-            "lm_head": Linear(D, codebook_size),
+            "lm_head": Linear(D, self.codebook_size),
         }
         self.model = nn.ModuleDict(body)
         self.apply(init_weights)
@@ -413,26 +402,18 @@ class UViTBlock(nn.Module):
 class UViTBert(MaskedTokenModel):
     """num_layers // 2 in-blocks, a mid-block, num_layers // 2 out-blocks (S-128: 10 + 1 + 10)."""
 
-    def __init__(
-        self,
-        codebook_size: int,
-        seq_len: int,
-        num_classes: int,
-        hidden_size: int,
-        num_layers: int,
-        num_heads: int,
-        mlp_dim: int,
-    ):
-        super().__init__(codebook_size, seq_len, num_classes)
-        self.embeddings = nn.Embedding(self.vocab_size, hidden_size)
-        self.pos_embed = nn.Parameter(torch.zeros(1, seq_len + 1, hidden_size))
-        size = (hidden_size, num_heads, mlp_dim)
-        half = num_layers // 2
+    def __init__(self, config: GeneratorConfig):
+        super().__init__(config)
+        D = config.hidden_size
+        self.embeddings = nn.Embedding(self.vocab_size, D)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.seq_len + 1, D))
+        size = (D, config.num_heads, config.mlp_dim)
+        half = config.num_layers // 2
         self.in_blocks = nn.ModuleList(UViTBlock(*size) for _ in range(half))
         self.mid_block = UViTBlock(*size)
         self.out_blocks = nn.ModuleList(UViTBlock(*size, skip=True) for _ in range(half))
-        self.norm = nn.LayerNorm(hidden_size)
-        self.lm_head = Linear(hidden_size, codebook_size)
+        self.norm = nn.LayerNorm(D)
+        self.lm_head = Linear(D, self.codebook_size)
         self.apply(init_weights)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
@@ -450,20 +431,12 @@ class UViTBert(MaskedTokenModel):
 
 
 def build_generator(cfg: GeneratorConfig) -> MaskedTokenModel:
-    """ImageBert or UViTBert; keeps `config` (for checkpoints) and `preset` (set by
-    load_generator)."""
+    """An ImageBert or a UViTBert for `cfg`, after checking it."""
     if cfg.hidden_size % cfg.num_heads or cfg.arch not in ("imagebert", "uvit"):
         raise UserError(
             f"bad generator config (arch 'imagebert' or 'uvit', heads dividing the width): {cfg}"
         )
-    vocabulary = (cfg.codebook_size, cfg.seq_len, cfg.num_classes)
-    size = (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.mlp_dim)
-    if cfg.arch == "imagebert":
-        model = ImageBert(*vocabulary, *size, dropout=cfg.dropout, attn_dropout=cfg.attn_dropout)
-    else:
-        model = UViTBert(*vocabulary, *size)
-    model.config, model.preset = cfg, None
-    return model
+    return ImageBert(cfg) if cfg.arch == "imagebert" else UViTBert(cfg)
 
 
 # ----------------------------------------------------------------------------------------------

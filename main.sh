@@ -72,8 +72,8 @@ if [ -n "${TITOK_INCEPTION:-}" ] || python -c "import fid, sys; sys.exit(fid.fin
     echo "gFID: $OUT/fid.json is up to date; nothing to do"
   else python fid.py "$OUT/samples.npz" "$OUT/heldout_stats.npz" --json "$OUT/fid.json" "${FID_FLAGS[@]}"; fi
 else
-  echo "NOTE: no Inception weights (set TITOK_INCEPTION, see README 'fid.py'); rFID and gFID were NOT computed" >&2
-  echo "no Inception weights: set TITOK_INCEPTION (see README, fid.py)" > "$OUT/fid_skipped"
+  echo "NOTE: no Inception weights (set TITOK_INCEPTION, see docs/usage.md, fid.py); rFID and gFID were NOT computed" >&2
+  echo "no Inception weights: set TITOK_INCEPTION (see docs/usage.md, fid.py)" > "$OUT/fid_skipped"
 fi
 
 # The results: every stage's summary in one results.json, and the table of the README (results.md). A full

@@ -63,7 +63,7 @@ import json, sys
 from pathlib import Path
 import numpy as np, torch
 import common, fid, tokenizer
-from train_gen import linear_probe
+from probes import linear_probe
 
 P, n_fid, (what, out, pic), names = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:6], sys.argv[6:]
 out = P / out  # what WHAT writes (+ the picture PIC), from the runs NAMES in $P

@@ -2,7 +2,7 @@
 Random weights; encode, the ViT decoder, the MaskGIT-VQGAN pixel decoder and the whole decode, in
 fp32 (and bf16 autocast where native), measured side by side in one run with this machine's matmul
 peak: the achieved GFLOP/s say how close to the hardware limit each part runs. (Times from another
-host do not compare; the reference implementation's, timed side by side, are in the README.)"""
+host do not compare; the reference implementation's, timed side by side, are in docs/benchmarks.md.)"""
 
 import sys
 from pathlib import Path
