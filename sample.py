@@ -54,7 +54,7 @@ def sample_images(
     with common.autocast(device, dtype):
         images = tok.decode_tokens(ids).float()  # (B, 3, H, W)
     # The official sampler clamps to [0, 1], scales by 255 and TRUNCATES to uint8 (not the rounding
-    # of tokenizer.to_uint8): the published gFIDs were measured on these pixels, so we do the same.
+    # of common.to_uint8): the published gFIDs were measured on these pixels, so we do the same.
     return (images.clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 

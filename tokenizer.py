@@ -618,6 +618,8 @@ class VQGANConfig:
 
 @dataclass
 class TiTokConfig:
+    """A TiTok's architecture; the defaults are TiTok-L-32's (two-stage, 32 tokens)."""
+
     image_size: int = 256
     patch_size: int = 16  # encoder and decoder use the same patch size in every release
     num_latent_tokens: int = 32  # K, the length of the 1D token sequence (Sec. 3.2)

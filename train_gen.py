@@ -45,6 +45,8 @@ from train_tok import EMA, EVAL_SIZE, HERE, TrainSet, lr_at, make_adamw, set_lr,
 
 @dataclass
 class GenRecipe:
+    """The generator's training recipe: the optimiser, the masking, the schedule."""
+
     lr: float = 2e-4  # warm-up, then cosine
     end_lr: float = 1e-5
     warmup_steps: int = 10_000

@@ -52,6 +52,8 @@ HERE = Path(__file__).resolve().parent
 
 @dataclass
 class Recipe:
+    """A training recipe: the optimiser, the loss weights and the schedule (defaults: single)."""
+
     name: str = "single"
     lr: float = 1e-4  # AdamW, linear warm-up, then cosine decay to end_lr
     end_lr: float = 1e-5
@@ -767,8 +769,7 @@ def train(
     first_argv = (ckpt["argv"] if ckpt else []) + argv
     del ckpt
 
-    # Image files: PIL decoding in worker processes (idx arrays are already in memory).
-    workers = 0 if isinstance(source, common.IdxImages) else 4
+    workers = 0 if isinstance(source, common.IdxImages) else 4  # image files: PIL in 4 workers
     trainset = TrainSet(source, train_idx, r.seed, r.random_flip)
     loader = torch.utils.data.DataLoader(
         trainset,
