@@ -650,7 +650,7 @@ def build_models(
 
 
 @torch.no_grad()
-def evaluate(trainer: Trainer, images: torch.Tensor, out: Path, step: int, batch=64) -> dict:
+def evaluate(trainer: Trainer, images: torch.Tensor, folder: Path, step: int, batch=64) -> dict:
     """The EMA model on the held-out images (rank 0): PSNR, codebook usage and perplexity, a grid
     PNG of originals over reconstructions (stage 1's proxy codes drawn by its teacher)."""
     recs, hits = [], 0.0
@@ -670,7 +670,7 @@ def evaluate(trainer: Trainer, images: torch.Tensor, out: Path, step: int, batch
     recs = torch.cat(recs)
     n = min(16, len(images))
     grid = common.image_grid(torch.cat([images[:n], recs[:n]]), n)
-    common.save_image(grid, out / f"grid_{step:08d}.png")
+    common.save_image(grid, folder / f"grid_{step:08d}.png")
 
     record = {"psnr": round(common.psnr(recs, images), 4)}
     if trainer.usage is not None:
