@@ -37,7 +37,7 @@ import common
 import generator
 import tokenizer
 from common import UserError
-from train_tok import EMA, EVAL_SIZE, HERE, TrainSet, lr_at, make_adamw, set_lr, step_batches
+from train_tok import EMA, EVAL_SIZE, HERE, TrainSet, make_adamw, recipe_lr, set_lr, step_batches
 
 # ----------------------------------------------------------------------------------------------
 # 1. Recipe: configs/training/generator/maskgit.yaml (AdamW betas (0.9, 0.96), weight decay 0.03).
@@ -207,7 +207,7 @@ class GenTrainer:
     distributed), AdamW, EMA."""
 
     def __init__(self, recipe: GenRecipe, d: common.Dist, net: nn.Module, dtype: str = "fp32"):
-        r = self.recipe = recipe
+        self.recipe = recipe
         self.dist, self.dtype = d, dtype
         self.net = net.to(d.device)
         self.last_checkpoint = None
@@ -215,44 +215,44 @@ class GenTrainer:
         if d.world > 1:
             device_ids = [d.device.index] if d.device.type == "cuda" else None
             self.model = DDP(net, device_ids=device_ids)
-        self.opt = make_adamw(
-            list(net.named_parameters()), r.lr, (r.beta1, r.beta2), r.weight_decay
-        )
-        self.ema = EMA(net, r.ema_decay)
+        named, betas = list(net.named_parameters()), (recipe.beta1, recipe.beta2)
+        self.opt = make_adamw(named, recipe.lr, betas, recipe.weight_decay)
+        self.ema = EMA(net, recipe.ema_decay)
 
 
-def mask_sample(ids: torch.Tensor, label: torch.Tensor, position: int, r: GenRecipe, net) -> tuple:
+def mask_sample(ids: torch.Tensor, label: torch.Tensor, position: int, recipe, net) -> tuple:
     """One sample's masking and label dropout, seeded by its position in the sample stream: one
     process, eight, or a resumed run mask every sample identically."""
-    g = torch.Generator().manual_seed(r.seed * 1_000_003 + position)
-    inputs, mask = generator.mask_tokens(ids, r.mask_schedule, mask_id=net.mask_id, generator=g)
-    label = generator.drop_labels(label, r.label_dropout, net.null_label, generator=g)
+    g = torch.Generator().manual_seed(recipe.seed * 1_000_003 + position)
+    schedule = recipe.mask_schedule
+    inputs, mask = generator.mask_tokens(ids, schedule, mask_id=net.mask_id, generator=g)
+    label = generator.drop_labels(label, recipe.label_dropout, net.null_label, generator=g)
     return inputs, mask, label
 
 
 def train_step(trainer: GenTrainer, ids, labels, positions: list[int], step: int) -> dict:
     """ids (B, K), labels (B,) on the device, `positions` their places in the sample stream."""
-    r, net = trainer.recipe, trainer.net
-    set_lr(trainer.opt, lr_at(step, r.lr, r.end_lr, r.warmup_steps, r.max_steps))
+    recipe, net = trainer.recipe, trainer.net
+    set_lr(trainer.opt, recipe_lr(recipe, step))
     trainer.model.train()
     masked = [
-        mask_sample(ids[i : i + 1].cpu(), labels[i : i + 1].cpu(), pos, r, net)
+        mask_sample(ids[i : i + 1].cpu(), labels[i : i + 1].cpu(), pos, recipe, net)
         for i, pos in enumerate(positions)
     ]
     inputs, mask, cond = (torch.cat(v).to(ids.device) for v in zip(*masked))
     with common.autocast(trainer.dist.device, trainer.dtype):
         logits = trainer.model(inputs, cond)  # (B, K, codebook)
     loss, accuracy = generator.masked_token_loss(
-        logits.float(), ids, mask, r.label_smoothing, r.unmasked_weight
+        logits.float(), ids, mask, recipe.label_smoothing, recipe.unmasked_weight
     )
     # masked_token_loss normalises by this rank's total token weight. Rescaled, DDP's gradient
     # average equals the loss of the whole global batch normalised once (as one process would).
-    weight = (mask.sum() + r.unmasked_weight * (~mask).sum()).float()
+    weight = (mask.sum() + recipe.unmasked_weight * (~mask).sum()).float()
     share = weight * trainer.dist.world / common.world_sum(weight)
     common.check_finite(loss, "loss", step, trainer.last_checkpoint)
     (loss * share).backward()
 
-    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), r.grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), recipe.grad_clip)
     common.check_finite(grad_norm, "gradient norm", step, trainer.last_checkpoint)
     trainer.opt.step()
     trainer.opt.zero_grad(set_to_none=True)
@@ -338,8 +338,8 @@ def train(parser: argparse.ArgumentParser, argv: list[str], out: Path, resume: b
     """The whole run of one process: `argv` over a resumed run's first command line."""
     # -- set-up: the settings, the tokens (made here when missing), the tokenizer (sample grids)
     resumed_from, ckpt = common.resume_from(out, resume, ("generator",), d)
-    run, r = common.resolve(parser, argv, ckpt, base_recipe, FIXED)
-    if common.run_is_finished(ckpt, r.max_steps, out / "generator.pt", d):
+    run, recipe = common.resolve(parser, argv, ckpt, base_recipe, FIXED)
+    if common.run_is_finished(ckpt, recipe.max_steps, out / "generator.pt", d):
         return
     cfg = model_config(run)
     tokens = Path(run.tokens)
@@ -366,51 +366,52 @@ def train(parser: argparse.ArgumentParser, argv: list[str], out: Path, resume: b
     tok = tokenizer.load_tokenizer(tok_path).to(d.device) if tok_path.exists() else None
 
     # -- build (seeded alike on every rank) and resume (common.py)
-    torch.manual_seed(r.seed)
-    trainer = GenTrainer(r, d, generator.build_generator(cfg), run.dtype)
+    torch.manual_seed(recipe.seed)
+    trainer = GenTrainer(recipe, d, generator.build_generator(cfg), run.dtype)
     parts = dict(model=trainer.net, opt=trainer.opt, ema=trainer.ema)
-    common.restore(ckpt, parts, d, r.seed)
+    common.restore(ckpt, parts, d, recipe.seed)
     start, position, elapsed = 0, 0, 0.0
     if ckpt is not None:
         start, position, elapsed = int(ckpt["step"]), ckpt["position"], ckpt["elapsed_s"]
     trainer.last_checkpoint = resumed_from
     first_argv = (ckpt["argv"] if ckpt else []) + argv
     del ckpt
-    trainset = TrainSet(None, np.arange(len(ids)), r.seed)
-    global_batch = r.batch_size * d.world
+    trainset = TrainSet(None, np.arange(len(ids)), recipe.seed)
+    global_batch = recipe.batch_size * d.world
     if d.is_main:
         line = f"generator {run.preset}: {len(ids)} sequences ({meta['data']}), "
-        line += f"{d.world} x {d.device.type}, steps {start}-{r.max_steps}"
+        line += f"{d.world} x {d.device.type}, steps {start}-{recipe.max_steps}"
         if tok is None:
             line += f"; no tokenizer at {tok_path}: no sample grids"
         print(line)
 
     # -- the loop
     log = common.open_log(out / "log.jsonl", start, d.is_main)
-    batches = step_batches(position, r.batch_size, d.world, d.rank)
+    batches = step_batches(position, recipe.batch_size, d.world, d.rank)
     began = time.perf_counter()
     window_start, window_step, last = began, start, {}
-    for step in range(start, r.max_steps):
+    for step in range(start, recipe.max_steps):
         positions = next(batches)
         picked = [trainset.index_at(p) for p in positions]
         batch_ids, batch_labels = ids[picked].to(d.device), labels[picked].to(d.device)
         stats = train_step(trainer, batch_ids, batch_labels, positions, step)
         position, done = position + global_batch, step + 1
 
-        evaluation_due = done % r.eval_every == 0 or done == r.max_steps
-        if done % r.log_every == 0 or evaluation_due:
+        evaluation_due = done % recipe.eval_every == 0 or done == recipe.max_steps
+        if done % recipe.log_every == 0 or evaluation_due:
             steps_per_s = (done - window_step) / (time.perf_counter() - window_start)
             last = {
                 "step": done,
                 **common.world_mean(stats),
-                "lr": lr_at(step, r.lr, r.end_lr, r.warmup_steps, r.max_steps),
+                "lr": recipe_lr(recipe, step),
                 "tokens_per_s": round(global_batch * steps_per_s * cfg.seq_len, 1),
                 "steps_per_s": round(steps_per_s, 3),
             }
             if d.is_main and evaluation_due:
                 with trainer.ema.applied_to(trainer.net):
                     if len(held_ids):
-                        accuracy = heldout_accuracy(trainer.net, held_ids, held_labels, r, d.device)
+                        held = (held_ids, held_labels)
+                        accuracy = heldout_accuracy(trainer.net, *held, recipe, d.device)
                         last["heldout_masked_accuracy"] = round(accuracy, 4)
                     if tok is not None:
                         grid = sample_grid(trainer.net, tok, cfg.num_classes, run.preset, d.device)
@@ -419,7 +420,7 @@ def train(parser: argparse.ArgumentParser, argv: list[str], out: Path, resume: b
             common.barrier()
             window_start, window_step = time.perf_counter(), done
 
-        if done % r.save_every == 0 or done == r.max_steps:
+        if done % recipe.save_every == 0 or done == recipe.max_steps:
             state = common.checkpoint(
                 parts,
                 d,
@@ -431,7 +432,7 @@ def train(parser: argparse.ArgumentParser, argv: list[str], out: Path, resume: b
                 position=position,
                 elapsed_s=elapsed + time.perf_counter() - began,
             )
-            trainer.last_checkpoint = common.save_step_checkpoint(out, done, state, r.keep, d)
+            trainer.last_checkpoint = common.save_step_checkpoint(out, done, state, recipe.keep, d)
 
     # -- save: the export (generator.load_generator prefers its EMA weights) and the summary
     if not d.is_main:
@@ -439,24 +440,24 @@ def train(parser: argparse.ArgumentParser, argv: list[str], out: Path, resume: b
     exported = {
         "kind": "generator",
         "preset": run.preset,
-        "step": r.max_steps,
+        "step": recipe.max_steps,
         "config": config,
         "model": trainer.net.state_dict(),
         "ema": trainer.ema.shadow,
         "tokenizer": str(tok_path),
     }
     common.save_checkpoint(out / "generator.pt", exported)
-    if start < r.max_steps:  # steps were trained (not only a missing export rewritten)
+    if start < recipe.max_steps:  # steps were trained (not only a missing export rewritten)
         summary = {
             "preset": run.preset,
-            "steps": r.max_steps,
+            "steps": recipe.max_steps,
             "train_sequences": len(ids),
             "wall_s": round(elapsed + time.perf_counter() - began, 1),
             "tokenize_wall_s": meta.get("wall_s"),
             "heldout_masked_accuracy": last.get("heldout_masked_accuracy"),
         }
         common.write_json(out / "summary.json", summary)
-    print(f"done: step {r.max_steps}; wrote {out}/generator.pt and {out}/log.jsonl")
+    print(f"done: step {recipe.max_steps}; wrote {out}/generator.pt and {out}/log.jsonl")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -198,9 +198,7 @@ def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
-def lecam_loss(
-    real_mean: torch.Tensor, fake_mean: torch.Tensor, ema_real: torch.Tensor, ema_fake: torch.Tensor
-) -> torch.Tensor:
+def lecam_loss(real_mean, fake_mean, ema_real, ema_fake) -> torch.Tensor:
     """LeCam: the mean real logit near the fake ones' running mean and vice versa (a bounded
     critic)."""
     return F.relu(real_mean - ema_fake).pow(2).mean() + F.relu(ema_real - fake_mean).pow(2).mean()
@@ -233,30 +231,31 @@ class Trainer:
         lpips: LPIPS | None = None,
         dtype: str = "fp32",
     ):
-        r = self.recipe = recipe
+        self.recipe = recipe
         self.dist, self.dtype = d, dtype
         self.tok = tok.to(d.device)
         self.last_checkpoint = None
         device_ids = [d.device.index] if d.device.type == "cuda" else None
         # A codebook without its loss gets no gradient: DDP must expect unused parameters.
-        unused = r.quantizer_weight == 0 and r.name != "stage2"
+        unused = recipe.quantizer_weight == 0 and recipe.name != "stage2"
         self.model = self.tok
         if d.world > 1:
             self.model = DDP(self.tok, device_ids=device_ids, find_unused_parameters=unused)
         trained = [(n, p) for n, p in self.tok.named_parameters() if p.requires_grad]
-        self.opt = make_adamw(trained, r.lr, (r.beta1, r.beta2), r.weight_decay)
-        self.ema = EMA(self.tok, r.ema_decay)
+        betas = (recipe.beta1, recipe.beta2)
+        self.opt = make_adamw(trained, recipe.lr, betas, recipe.weight_decay)
+        self.ema = EMA(self.tok, recipe.ema_decay)
         self.teacher = teacher.to(d.device) if teacher is not None else None
         self.lpips = lpips.to(d.device) if lpips is not None else None
 
         self.disc = self.disc_model = self.disc_opt = self.lecam = None
-        if r.disc_weight > 0 and r.name != "stage1":
-            self.disc = PatchDiscriminator(r.disc_channels).to(d.device)
+        if recipe.disc_weight > 0 and recipe.name != "stage1":
+            self.disc = PatchDiscriminator(recipe.disc_channels).to(d.device)
             self.disc_model = self.disc
             if d.world > 1:
                 self.disc_model = DDP(self.disc, device_ids=device_ids)
             named = list(self.disc.named_parameters())
-            self.disc_opt = make_adamw(named, r.disc_lr, (r.beta1, r.beta2), r.weight_decay)
+            self.disc_opt = make_adamw(named, recipe.disc_lr, betas, recipe.weight_decay)
             self.lecam = torch.zeros(2, device=d.device)
 
         self.usage = None  # (a VAE has no codebook)
@@ -264,35 +263,29 @@ class Trainer:
             self.usage = torch.zeros(self.tok.quantize.embedding.num_embeddings, device=d.device)
 
 
-def generator_loss(
-    trainer: Trainer,
-    images: torch.Tensor,
-    out: torch.Tensor,
-    result: dict,
-    codes: torch.Tensor | None,
-    step: int,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The recipe's loss of the tokenizer (in fp32) and its weighted terms."""
-    r, terms = trainer.recipe, {}
+def generator_loss(trainer: Trainer, images, out, result: dict, codes, step: int) -> tuple:
+    """The recipe's loss of the tokenizer (in fp32) and its weighted terms, from the images
+    (B, 3, H, W), the model's output and stats, and stage 1's proxy codes (B, g*g) or None."""
+    recipe, terms = trainer.recipe, {}
     if codes is not None:
         # Stage 1: classify each patch's proxy code; out (B, 1024, g, g), codes (B, g*g).
         terms["ce"] = F.cross_entropy(out.float().flatten(2), codes)
     else:
         rec = out.float()  # (B, 3, H, W), unclamped
-        terms["l2"] = r.reconstruction_weight * F.mse_loss(rec, images)
-        if trainer.lpips is not None and step >= r.perceptual_start:
-            terms["perceptual"] = r.perceptual_weight * trainer.lpips(images, rec).mean()
-        if trainer.disc is not None and step >= r.disc_start:
+        terms["l2"] = recipe.reconstruction_weight * F.mse_loss(rec, images)
+        if trainer.lpips is not None and step >= recipe.perceptual_start:
+            terms["perceptual"] = recipe.perceptual_weight * trainer.lpips(images, rec).mean()
+        if trainer.disc is not None and step >= recipe.disc_start:
             # The generator side of the hinge GAN. The discriminator must not collect these
             # gradients (nor trigger its DDP hooks): it is frozen for this forward only.
             trainer.disc.requires_grad_(False)
-            terms["gan"] = r.disc_weight * -trainer.disc(rec).mean()
+            terms["gan"] = recipe.disc_weight * -trainer.disc(rec).mean()
             trainer.disc.requires_grad_(True)
     if "kl" in result:
         # VAE: the official KL term is the sum over tokens and channels, divided by the batch.
-        terms["kl"] = r.kl_weight * result["kl"].sum() / images.shape[0]
+        terms["kl"] = recipe.kl_weight * result["kl"].sum() / images.shape[0]
     else:
-        terms["quantizer"] = r.quantizer_weight * result["quantizer_loss"]
+        terms["quantizer"] = recipe.quantizer_weight * result["quantizer_loss"]
     return sum(terms.values()), terms
 
 
@@ -301,9 +294,10 @@ def discriminator_step(
 ) -> dict[str, torch.Tensor]:
     """Hinge + LeCam on real images and detached reconstructions; its cosine schedule starts at
     disc_start."""
-    r = trainer.recipe
-    lr = lr_at(step - r.disc_start, r.disc_lr, r.end_lr, r.warmup_steps, r.max_steps - r.disc_start)
-    set_lr(trainer.disc_opt, lr)
+    recipe = trainer.recipe
+    start, total = recipe.disc_start, recipe.max_steps - recipe.disc_start
+    lr = lr_at(step - start, recipe.disc_lr, recipe.end_lr, recipe.warmup_steps, total)
+    set_lr(trainer.disc_opt, lr)  # the discriminator's schedule starts when the GAN does
     # One forward over real and fake together (GroupNorm is per sample: equal to two forwards).
     logits = trainer.disc_model(torch.cat([real, fake])).float()
     logits_real, logits_fake = logits.chunk(2)
@@ -311,14 +305,14 @@ def discriminator_step(
     fake_mean = global_mean(logits_fake.mean())
     hinge = hinge_d_loss(logits_real, logits_fake)
     ema_real, ema_fake = trainer.lecam
-    lecam = r.lecam_weight * lecam_loss(real_mean, fake_mean, ema_real, ema_fake)
+    lecam = recipe.lecam_weight * lecam_loss(real_mean, fake_mean, ema_real, ema_fake)
     loss = hinge + lecam
     common.check_finite(loss, "discriminator loss", step, trainer.last_checkpoint)
     loss.backward()
 
     means = torch.stack([real_mean, fake_mean]).detach()
-    trainer.lecam = trainer.lecam * r.lecam_decay + means * (1 - r.lecam_decay)
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainer.disc.parameters(), r.grad_clip)
+    trainer.lecam = trainer.lecam * recipe.lecam_decay + means * (1 - recipe.lecam_decay)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainer.disc.parameters(), recipe.grad_clip)
     trainer.disc_opt.step()
     trainer.disc_opt.zero_grad(set_to_none=True)
     stats = dict(
@@ -347,8 +341,8 @@ def nested_dropout_keep(trainer: Trainer, batch_size: int) -> dict:
 def train_step(trainer: Trainer, images: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
     """One step on this rank's images (B, 3, H, W) in [0, 1], then the discriminator's;
     detached statistics."""
-    r = trainer.recipe
-    set_lr(trainer.opt, lr_at(step, r.lr, r.end_lr, r.warmup_steps, r.max_steps))
+    recipe = trainer.recipe
+    set_lr(trainer.opt, recipe_lr(recipe, step))
     trainer.model.train()
     codes = None
     if trainer.teacher is not None:
@@ -362,7 +356,7 @@ def train_step(trainer: Trainer, images: torch.Tensor, step: int) -> dict[str, t
     loss.backward()
 
     params = [p for group in trainer.opt.param_groups for p in group["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, r.grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
     common.check_finite(grad_norm, "gradient norm", step, trainer.last_checkpoint)
     trainer.opt.step()
     trainer.opt.zero_grad(set_to_none=True)
@@ -374,7 +368,7 @@ def train_step(trainer: Trainer, images: torch.Tensor, step: int) -> dict[str, t
         stats["perplexity"] = result["perplexity"].detach()
         stats["code_usage"] = result["code_usage"].detach()
         trainer.usage += torch.bincount(result["ids"].flatten(), minlength=trainer.usage.numel())
-    if trainer.disc is not None and step >= r.disc_start:
+    if trainer.disc is not None and step >= recipe.disc_start:
         stats.update(discriminator_step(trainer, images, out.detach().float(), step))
     return stats
 
@@ -419,6 +413,11 @@ def lr_at(step: int, base_lr: float, end_lr: float, warmup_steps: int, total_ste
         return base_lr * step / max(1, warmup_steps)
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return end_lr + (base_lr - end_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def recipe_lr(recipe, step: int) -> float:
+    """The learning rate of a recipe (this file's or train_gen.py's) at `step`."""
+    return lr_at(step, recipe.lr, recipe.end_lr, recipe.warmup_steps, recipe.max_steps)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -723,21 +722,19 @@ def train(
     """The whole run of one process: `argv` over a resumed run's first command line."""
     # -- set-up: the settings (a resumed run's first flags, the new ones over them), the export
     resumed_from, ckpt = common.resume_from(out, resume, ("tokenizer", "vqgan"), d)
-    run, r = common.resolve(parser, argv, ckpt, base_recipe, FIXED)
+    run, recipe = common.resolve(parser, argv, ckpt, base_recipe, FIXED)
     kind = "vqgan" if run.recipe == "vqgan" else "tokenizer"
-    sources = {}  # the teacher and the init by content: a retrained stage 1 is another run
-    for k in ("init", "vqgan"):
-        if getattr(run, k) and Path(getattr(run, k)).exists():
-            sources[k] = common.sha256_of(getattr(run, k))
-    recorded = (ckpt or {}).get("sources", {})
-    changed = [k for k, sha in sources.items() if recorded.get(k, sha) != sha]
-    if changed:
-        raise UserError(
-            f"--resume: {out} was trained from another --{changed[0]} {getattr(run, changed[0])} "
-            "(its bytes differ; e.g. stage 1 retrained): use another --out, or delete it"
-        )
+    # The teacher and the init, by content: a retrained stage 1 makes another run.
+    files = {k: getattr(run, k) for k in ("init", "vqgan") if getattr(run, k)}
+    sources = {k: common.sha256_of(f) for k, f in files.items() if Path(f).exists()}
+    for k, sha in sources.items():
+        if (ckpt or {}).get("sources", {}).get(k, sha) != sha:
+            raise UserError(
+                f"--resume: {out} was trained from another --{k} {files[k]} (its bytes "
+                "differ; e.g. stage 1 retrained): use another --out, or delete it"
+            )
     export = out / f"{kind}.pt"
-    if common.run_is_finished(ckpt, r.max_steps, export, d):
+    if common.run_is_finished(ckpt, recipe.max_steps, export, d):
         return
     cfg = resized(recipe_config(run.preset, run.recipe), run)
     config = dataclasses.asdict(cfg)
@@ -745,11 +742,11 @@ def train(
     torch.backends.cudnn.allow_tf32 = True
 
     # -- build: the models (seeded alike on every rank), the losses, the data
-    torch.manual_seed(r.seed)
+    torch.manual_seed(recipe.seed)
     tok, teacher = build_models(cfg, run.recipe, run.preset, run.init, run.vqgan, ckpt is not None)
-    lpips = load_lpips(run.lpips) if r.perceptual_weight > 0 and run.lpips else None
-    trainer = Trainer(r, d, tok, teacher, lpips, run.dtype)
-    source = common.open_image_source(run.data, cfg.image_size, r.random_crop)
+    lpips = load_lpips(run.lpips) if recipe.perceptual_weight > 0 and run.lpips else None
+    trainer = Trainer(recipe, d, tok, teacher, lpips, run.dtype)
+    source = common.open_image_source(run.data, cfg.image_size, recipe.random_crop)
     train_idx, held_idx = common.split_heldout(len(source.labels), run.eval_size)
     heldout = None
     if len(held_idx):
@@ -758,7 +755,7 @@ def train(
     # -- resume: weights, optimisers, EMA, RNG states, the stream position (common.py)
     parts = dict(tok=trainer.tok, ema=trainer.ema, opt=trainer.opt)
     parts.update(disc=trainer.disc, disc_opt=trainer.disc_opt)  # (None without a GAN)
-    common.restore(ckpt, parts, d, r.seed)
+    common.restore(ckpt, parts, d, recipe.seed)
     start, position, elapsed = 0, 0, 0.0
     if ckpt is not None:
         start, position, elapsed = int(ckpt["step"]), ckpt["position"], ckpt["elapsed_s"]
@@ -770,24 +767,24 @@ def train(
     del ckpt
 
     workers = 0 if isinstance(source, common.IdxImages) else 4  # image files: PIL in 4 workers
-    trainset = TrainSet(source, train_idx, r.seed, r.random_flip)
+    trainset = TrainSet(source, train_idx, recipe.seed, recipe.random_flip)
     loader = torch.utils.data.DataLoader(
         trainset,
         num_workers=workers,
         persistent_workers=workers > 0,
-        batch_sampler=step_batches(position, r.batch_size, d.world, d.rank),
+        batch_sampler=step_batches(position, recipe.batch_size, d.world, d.rank),
         pin_memory=d.device.type == "cuda",
         generator=torch.Generator(),  # its own: the global RNG stays as restored
     )
     batches = iter(loader)
-    global_batch = r.batch_size * d.world
+    global_batch = recipe.batch_size * d.world
     if d.is_main:
         if heldout is not None:  # an ADM-style .npz (arr_0: (N, H, W, 3)) for fid.py
             held_hwc = heldout.permute(0, 2, 3, 1).numpy()
             common.write_atomic(out / "heldout.npz", lambda f: np.savez(f, arr_0=held_hwc))
-        line = f"{run.preset} / {r.name}: {source.description}, {d.world} x {d.device.type}, "
-        line += f"steps {start}-{r.max_steps}"
-        if r.perceptual_weight and not lpips:
+        line = f"{run.preset} / {recipe.name}: {source.description}, {d.world} x {d.device.type}, "
+        line += f"steps {start}-{recipe.max_steps}"
+        if recipe.perceptual_weight and not lpips:
             line += "; no --lpips: no perceptual loss"
         print(line)
         if start == 0 and heldout is not None:  # the untrained model: progress.png's first row
@@ -797,22 +794,22 @@ def train(
     log = common.open_log(out / "log.jsonl", start, d.is_main)
     began = time.perf_counter()
     window_start, window_step, last = began, start, {}
-    for step in range(start, r.max_steps):
+    for step in range(start, recipe.max_steps):
         images = next(batches)[0].to(d.device, non_blocking=True).float().div_(255)
         stats = train_step(trainer, images, step)
         position, done = position + global_batch, step + 1
-        restart_due = r.dead_code_restart and done % r.dead_code_every == 0
+        restart_due = recipe.dead_code_restart and done % recipe.dead_code_every == 0
         if restart_due and trainer.usage is not None:
             restarted = restart_dead_codes(trainer, images, done)
             stats["dead_codes_restarted"] = trainer.usage.new_tensor(restarted)
 
-        evaluation_due = done % r.eval_every == 0 or done == r.max_steps
-        if done % r.log_every == 0 or evaluation_due:
+        evaluation_due = done % recipe.eval_every == 0 or done == recipe.max_steps
+        if done % recipe.log_every == 0 or evaluation_due:
             speed = global_batch * (done - window_step) / (time.perf_counter() - window_start)
             last = {
                 "step": done,
                 **common.world_mean(stats),
-                "lr": lr_at(step, r.lr, r.end_lr, r.warmup_steps, r.max_steps),
+                "lr": recipe_lr(recipe, step),
                 "images_per_s": round(speed, 2),
                 "epoch": round(position / len(train_idx), 4),
             }
@@ -822,7 +819,7 @@ def train(
             common.barrier()  # the others wait while rank 0 evaluates
             window_start, window_step = time.perf_counter(), done
 
-        if done % r.save_every == 0 or done == r.max_steps:
+        if done % recipe.save_every == 0 or done == recipe.max_steps:
             state = common.checkpoint(
                 parts,
                 d,
@@ -837,7 +834,7 @@ def train(
                 usage=trainer.usage,
                 elapsed_s=elapsed + time.perf_counter() - began,
             )
-            trainer.last_checkpoint = common.save_step_checkpoint(out, done, state, r.keep, d)
+            trainer.last_checkpoint = common.save_step_checkpoint(out, done, state, recipe.keep, d)
 
     # -- save: the export (loaders prefer its EMA weights) and the run's summary
     if not d.is_main:
@@ -846,27 +843,29 @@ def train(
     exported = {
         "kind": kind,
         "preset": run.preset,
-        "recipe": r.name,
+        "recipe": recipe.name,
         "config": config,
         "model": trainer.tok.state_dict(),
         "ema": trainer.ema.shadow,
-        "step": r.max_steps,
+        "step": recipe.max_steps,
     }
     common.save_checkpoint(export, exported)
-    if start < r.max_steps:  # steps were trained (not only a missing export rewritten)
+    if start < recipe.max_steps:  # steps were trained (not only a missing export rewritten)
         summary = {
             "preset": run.preset,
-            "recipe": r.name,
-            "steps": r.max_steps,
+            "recipe": recipe.name,
+            "steps": recipe.max_steps,
             "heldout_images": len(held_idx),
             "wall_s": round(elapsed + time.perf_counter() - began, 1),
             "heldout_psnr": last.get("psnr"),
             "heldout_codebook_usage": last.get("heldout_codebook_usage"),
             "heldout_perplexity": last.get("heldout_perplexity"),
-            "perceptual_loss": lpips is not None and r.perceptual_start < r.max_steps,
+            "perceptual_loss": lpips is not None and recipe.perceptual_start < recipe.max_steps,
         }
         common.write_json(out / "summary.json", summary)
-    print(f"done: step {r.max_steps}; wrote {export}, {trainer.last_checkpoint}, {out}/log.jsonl")
+    print(
+        f"done: step {recipe.max_steps}; wrote {export}, {trainer.last_checkpoint}, {out}/log.jsonl"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
