@@ -525,6 +525,11 @@ def distributed(device: torch.device | None = None, timeout_hours: float = 0.5):
     torch.use_deterministic_algorithms(was_deterministic or device.type == "cpu")
     try:
         yield Dist(rank, world, device)
+        if dist.is_initialized():  # leave together: no rank tears the group down under another
+            try:
+                dist.barrier()
+            except RuntimeError:  # another rank failed (and said why there): stop here too
+                sys.exit(1)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
         if dist.is_initialized():
