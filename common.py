@@ -566,7 +566,7 @@ def run_in_chunks(
     made by another `what` is refused, never mixed in. Returns the chunk files, once every process
     has written its own."""
     stamp, key = folder / "fingerprint.json", json.dumps(fingerprint, sort_keys=True)
-    if stamp.exists() and read_text(stamp) != key:
+    if stamp.exists() and stamp.read_bytes() != key.encode():
         raise UserError(f"{folder} was made by another {what}; delete it or use another output")
     files = [folder / f"{k:06d}.npy" for k in range(num_chunks)]
     todo = [k for k in range(num_chunks) if not files[k].exists()]  # before any process writes
@@ -582,14 +582,6 @@ def run_in_chunks(
         write_atomic(files[k], lambda f: np.save(f, chunk))
     barrier()
     return files
-
-
-def read_text(path: Path) -> str | None:
-    """A file's text, or None when it cannot be read as text."""
-    try:
-        return path.read_text()
-    except (OSError, UnicodeDecodeError):
-        return None
 
 
 # ----------------------------------------------------------------------------------------------

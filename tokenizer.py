@@ -678,7 +678,7 @@ PRESETS: dict[str, TiTokConfig] = {
         patch_size=4,
         num_latent_tokens=32,
         codebook_size=1024,
-        **vit("tiny", "tiny", {"tiny": (128, 4, 4)}),
+        **vit("tiny", "tiny", sizes={"tiny": (128, 4, 4)}),  # width 128, 4 layers, 4 heads
         **SINGLE_STAGE,
     ),
 }

@@ -303,14 +303,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser(tokenizing)
     with common.one_line_errors():
         args = parser.parse_args(argv[1:] if tokenizing else argv)
+        out = Path(args.out)
         with common.distributed(args.device) as d:
             if tokenizing:
-                out = Path(args.out)
                 tokenize(
                     args.tokenizer, args.data, out, d, args.dtype, args.batch_size, args.eval_size
                 )
             else:
-                train(parser, argv, Path(args.out), args.resume, d)
+                train(parser, argv, out, args.resume, d)
 
 
 def base_recipe(run: argparse.Namespace) -> GenRecipe:
