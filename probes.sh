@@ -19,6 +19,12 @@ P=${OUT:-out/probes}
 TOK_STEPS=300 GEN_STEPS=150 N_FID=100  # tokenizer and generator steps per run; images per rFID / gFID
 DATA=()                                 # data/ and its 1,000 held-out images
 mkdir -p "$P"
+exec 9>>"$P/.lock"  # one probes.sh per OUT at a time (flock: released when this shell ends, however)
+if command -v flock >/dev/null && ! flock -n 9; then
+  echo "error: $P is in use by another probes.sh ($(cat "$P/.lock")); wait for it, or use another OUT=" >&2
+  exit 1
+fi
+echo "process $$ on $(hostname)" > "$P/.lock"
 if [ "${SMOKE:-0}" = 1 ]; then  # 2 steps per run, on the first 300 images (100 held out)
   TOK_STEPS=2 GEN_STEPS=2 N_FID=10 DATA=(--data "$P/data" --eval-size 100)
   python - "$P/data" <<'PY'

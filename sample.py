@@ -97,37 +97,59 @@ def run_npz(args, sample, labels: list[int], settings: dict, d: common.Dist) -> 
         "dtype": args.dtype,
         "settings": settings,
     }
-    key = json.dumps(fingerprint, sort_keys=True)
-    what = "generator/tokenizer or settings"
-    if out.exists():
-        if stored_fingerprint(out) != key:
-            raise UserError(f"{out} was made by another {what}; delete it or choose another --npz")
-        if d.is_main:
-            shutil.rmtree(shards, ignore_errors=True)  # left over when killed right after the join
-            print(f"{out} already holds these {args.num_samples} samples; nothing to do")
+    if finished(out, fingerprint, d):
         return
-    num_batches = math.ceil(len(labels) / args.batch_size)
-    files = common.run_in_chunks(shards, fingerprint, sample, num_batches, d, what, "sampling")
-    if not d.is_main:
-        return
+    with common.exclusive(shards, d):  # one job per file: a second is refused while one samples
+        if finished(out, fingerprint, d):  # (another job finished it meanwhile)
+            return
+        # CPU and GPU kernels may add in another order with another thread count or another chip,
+        # moving a pixel by 1: the shards record both, and a resume with others is refused.
+        numerics = dict(threads_per_process=torch.get_num_threads(), chip=chip(d.device))
+        num_batches = math.ceil(len(labels) / args.batch_size)
+        stamp = fingerprint | numerics
+        files = common.run_in_chunks(shards, stamp, sample, num_batches, d, "sampling")
+        if not d.is_main:
+            return
 
-    # All samples in memory once (the shards are memory-mapped): 9.8 GB for 50k at 256 px, as
-    # ADM's and DiT's samplers.
-    images = np.concatenate([np.load(f, mmap_mode="r") for f in files])
-    arrays = dict(arr_0=images, labels=np.asarray(labels), fingerprint=np.array(key))
-    common.write_atomic(out, lambda f: np.savez(f, **arrays))
-    shutil.rmtree(shards)
-    summary = dict(fingerprint, wall_s=round(time.perf_counter() - start, 1), processes=d.world)
+        # All samples in memory once (the shards are memory-mapped): 9.8 GB for 50k at 256 px, as
+        # ADM's and DiT's samplers.
+        images = np.concatenate([np.load(f, mmap_mode="r") for f in files])
+        key = np.array(json.dumps(fingerprint, sort_keys=True))
+        arrays = dict(arr_0=images, labels=np.asarray(labels), fingerprint=key)
+        common.write_atomic(out, lambda f: np.savez(f, **arrays))
+        shutil.rmtree(shards)
+    summary = stamp | dict(wall_s=round(time.perf_counter() - start, 1), processes=d.world)
     common.write_json(out.with_suffix(".json"), summary)
     print(f"wrote {out}: {len(images)} samples (arr_0 uint8 {images.shape}, labels) and its .json")
 
 
-def stored_fingerprint(path: Path) -> str | None:
-    """The fingerprint an .npz of this script records (None if unreadable or foreign)."""
+def finished(out: Path, fingerprint: dict, d: common.Dist) -> bool:
+    """Whether `out` holds these samples already: then there is nothing to do. An .npz made by
+    another generator, tokenizer or settings (or not by this script) is refused."""
+    if not out.exists():
+        return False
     try:
-        return str(np.load(path)["fingerprint"])
+        made = str(np.load(out)["fingerprint"])
     except Exception:  # unreadable, or not made by this script: refused like another run's file
-        return None
+        made = None
+    if made != json.dumps(fingerprint, sort_keys=True):
+        raise UserError(
+            f"{out} was made by another generator/tokenizer or settings; delete it or choose "
+            "another --npz"
+        )
+    if d.is_main:
+        shutil.rmtree(f"{out}.shards", ignore_errors=True)  # (when killed right after the join)
+        if not out.with_suffix(".json").exists():  # (killed between the two writes)
+            common.write_json(out.with_suffix(".json"), fingerprint)
+        print(f"{out} already holds these samples; nothing to do")
+    return True
+
+
+def chip(device: torch.device) -> str:
+    """The GPU's name, or the CPU's instruction set that PyTorch's kernels use (AVX2, AVX512...)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu {torch.backends.cpu.get_cpu_capability()}"
 
 
 # 4. Command line.

@@ -30,7 +30,6 @@ our tensors are interchangeable; token ids are (B, K).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections import OrderedDict
@@ -740,36 +739,42 @@ def config_from_official(
 #    another shape is an error that names the keys and the preset the weights look like.
 
 
-def load_tokenizer(path: str | os.PathLike, preset: str | None = None) -> TiTok:
+def load_tokenizer(
+    path: str | os.PathLike, preset: str | None = None, pixels: bool = True
+) -> TiTok:
     """A tokenizer in eval mode from an HF snapshot folder (config.json + model.safetensors or
     pytorch_model.bin), an official .safetensors / .bin file (give `preset`, or it is guessed from
-    the shapes), or one of our checkpoints (a trained MaskGIT-VQGAN too)."""
+    the shapes), or one of ours (a trained MaskGIT-VQGAN too; a run folder or a training checkpoint
+    stands for its EMA weights). `pixels`: refuse a stage-1 tokenizer, which decodes to codes."""
     path = Path(path)
     if preset and preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     cfg = PRESETS[preset] if preset else None
-    if path.is_dir():
-        names = ("model.safetensors", "pytorch_model.bin")
-        weights = [path / n for n in names if (path / n).is_file()]
-        if not weights:
-            raise UserError(f"{path}: folder has no model.safetensors or pytorch_model.bin")
-        sd = common.read_checkpoint(weights[0])
+    names = ("model.safetensors", "pytorch_model.bin")
+    hub_weights = [path / n for n in names if (path / n).is_file()]
+    if hub_weights:
+        sd = common.read_checkpoint(hub_weights[0])
         if cfg is None and (path / "config.json").is_file():
-            cfg = config_from_official(json.loads((path / "config.json").read_text()))
+            cfg = config_from_official(common.read_json(path / "config.json"))
     else:
-        sd = common.read_checkpoint(path)
+        sd = common.read_checkpoint(path)  # a file, or a training run's folder
         if isinstance(sd, dict) and sd.get("kind") == "vqgan":  # train_tok.py --recipe vqgan
             return load_vqgan_as_tokenizer(sd, path)
         if isinstance(sd, dict) and "kind" in sd:  # one of our own checkpoints
             config, sd = common.checkpoint_weights(sd, "tokenizer", path)
             cfg = config_from_dict(config)
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise UserError(f"{path}: not a tokenizer state dict")
+    sd = common.tensors_only(sd, path, "tokenizer weights")
     if cfg is None:
         guess = common.guess_preset(sd, PRESETS, TiTok)
         if guess is None:
             raise UserError(f"{path}: weights match no preset; pass --preset or a config.json")
         cfg = PRESETS[guess]
+    if pixels and cfg.proxy_head and not cfg.pixel_decoder:
+        raise UserError(
+            f"{path} is a stage-1 tokenizer: its decoder predicts its MaskGIT-VQGAN teacher's "
+            "codes, not pixels. Train stage 2 from it (train_tok.py --recipe stage2 --init "
+            f"{path} --vqgan TEACHER), or decode its codes with the teacher"
+        )
     model = TiTok(cfg)
     common.load_official_weights(model, sd, PRESETS)
     return model.eval()
@@ -818,8 +823,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=common.positive_int, default=8)
     with common.one_line_errors():
         args = p.parse_args(argv)
-        tok = load_tokenizer(args.ckpt, args.preset).to(args.device)
         reconstruct = args.command == "reconstruct"
+        tok = load_tokenizer(args.ckpt, args.preset, pixels=reconstruct).to(args.device)
         if reconstruct and len({Path(f).stem for f in args.images}) < len(args.images):
             raise UserError(
                 "two images share a file name stem; their outputs would overwrite each other"

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import shutil
 import sys
@@ -102,25 +101,27 @@ def tokenize(
     """Encode the training images (and their mirror images) and the held-out ones into token ids:
     out/{tokens,labels,heldout_tokens,heldout_labels}.npy and meta.json."""
     began = time.perf_counter()
-    tok = tokenizer.load_tokenizer(tokenizer_path).to(d.device)
-    # What the tokens depend on: tokens (or an interrupted run's parts) made with another
-    # tokenizer, data or split are refused, never returned or mixed in.
-    stamp = dict(
-        tokenizer_sha256=common.sha256_of(tokenizer_path),
-        data_path=str(Path(data).resolve()),
-        eval_size=eval_size,
-    )
-    what = "tokenizer, --data or --eval-size"
-    if (out / "meta.json").is_file():
-        meta = json.loads((out / "meta.json").read_text())
-        if {k: meta.get(k) for k in stamp} != stamp:
-            raise UserError(f"{out / 'meta.json'} was made with another {what}; use another --out")
-        return meta
+    tok = tokenizer.load_tokenizer(tokenizer_path, pixels=False).to(d.device)
     if tok.quantize is None:
         raise UserError(
             f"{tokenizer_path} is a VAE tokenizer (continuous latents); MaskGIT needs token ids"
         )
     source = common.open_image_source(data, tok.config.image_size, random_crop=False)
+    # What the tokens depend on: tokens (or an interrupted run's parts) made with another
+    # tokenizer, data (by content) or split are refused, never returned or mixed in.
+    stamp = dict(
+        tokenizer_sha256=common.sha256_of(tokenizer_path),
+        data_fingerprint=source.fingerprint,
+        eval_size=eval_size,
+    )
+    if (out / "meta.json").is_file():
+        meta = common.read_json(out / "meta.json")
+        if {k: meta.get(k) for k in stamp} != stamp:
+            raise UserError(
+                f"{out / 'meta.json'} was made with another tokenizer, --data or --eval-size; "
+                "use another --out"
+            )
+        return meta
     # train_tok.py's held-out split: images the tokenizer never trained on, nor will the generator
     train_idx, held_idx = common.split_heldout(len(source.labels), eval_size)
     chunks = []  # (image indices, mirrored): the training images, mirrored, then the held-out ones
@@ -140,7 +141,7 @@ def tokenize(
                 ids.append(tok.encode(x.flip(-1) if mirrored else x).cpu().numpy())  # (b, K)
         return np.concatenate(ids).astype(id_type)
 
-    parts = common.run_in_chunks(out / "parts", stamp, encode, len(chunks), d, what, "tokenize")
+    parts = common.run_in_chunks(out / "parts", stamp, encode, len(chunks), d, "tokenize")
     if d.is_main:
         num_train = 2 * -(-len(train_idx) // CHUNK)  # the chunks of the training images, twice
         ids = [np.load(p) for p in parts]
@@ -172,7 +173,7 @@ def tokenize(
             f"{len(held)} held out"
         )
     common.barrier()
-    return json.loads((out / "meta.json").read_text())
+    return common.read_json(out / "meta.json")
 
 
 def load_tokens(folder: Path, cfg: generator.GeneratorConfig) -> tuple[dict, list, object]:
@@ -184,9 +185,13 @@ def load_tokens(folder: Path, cfg: generator.GeneratorConfig) -> tuple[dict, lis
             f"--tokens {folder}: no meta.json "
             "(python train_gen.py tokenize --tokenizer CKPT --out DIR)"
         )
-    meta = json.loads((folder / "meta.json").read_text())
-    names = ("tokens", "labels", "heldout_tokens", "heldout_labels")
-    arrays = [torch.from_numpy(np.load(folder / f"{n}.npy").astype(np.int64)) for n in names]
+    meta = common.read_json(folder / "meta.json")
+    arrays = []
+    for name in ("tokens", "labels", "heldout_tokens", "heldout_labels"):
+        try:
+            arrays.append(torch.from_numpy(np.load(folder / f"{name}.npy").astype(np.int64)))
+        except (ValueError, EOFError) as e:  # (OSError: one line already)
+            raise UserError(f"--tokens {folder}: {name}.npy is damaged ({e}); tokenise again")
     cfg = dataclasses.replace(cfg, codebook_size=meta["codebook_size"], seq_len=meta["num_tokens"])
     for x, n in zip(arrays, (cfg.codebook_size, cfg.num_classes) * 2):
         if x.numel() and (x.min() < 0 or x.max() >= n):
@@ -293,8 +298,9 @@ def sample_grid(net, tok, num_classes: int, preset: str, device: torch.device) -
 # ----------------------------------------------------------------------------------------------
 # 4. main(): set-up, build, resume, the loop (log, evaluate, save), export.
 
-# What decides a run's data and model: a resumed run must keep them (common.resolve).
-FIXED = ("preset", "data", "tokens", "eval_size", "seed", "dropout", "width", "depth")
+# What decides a run's data and model: a resumed run must keep them (common.resolve); the tokens
+# are compared by content (their meta.json), not by path.
+FIXED = ("preset", "eval_size", "seed", "dropout", "width", "depth")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -304,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     with common.one_line_errors():
         args = parser.parse_args(argv[1:] if tokenizing else argv)
         out = Path(args.out)
-        with common.distributed(args.device) as d:
+        with common.distributed(args.device) as d, common.exclusive(out, d):
             if tokenizing:
                 tokenize(
                     args.tokenizer, args.data, out, d, args.dtype, args.batch_size, args.eval_size
@@ -349,8 +355,15 @@ def train(parser: argparse.ArgumentParser, argv: list[str], out: Path, resume: b
             raise UserError(
                 f"--tokens {tokens} holds no tokens, and no tokenizer (--tokenizer) makes them"
             )
-        tokenize(tok_path, run.data, tokens, d, run.dtype, eval_size=run.eval_size)
+        with common.exclusive(tokens, d):
+            tokenize(tok_path, run.data, tokens, d, run.dtype, eval_size=run.eval_size)
     meta, (ids, labels, held_ids, held_labels), cfg = load_tokens(tokens, cfg)
+    tokens_made = common.sha256_of(tokens / "tokens.npy") + common.sha256_of(tokens / "labels.npy")
+    if (ckpt or {}).get("tokens", tokens_made) != tokens_made:
+        raise UserError(
+            f"--resume: --tokens {tokens} are not the tokens {out} was trained on (another "
+            "folder, or tokenised again); resume with those, or use another --out"
+        )
     config = generator.config_to_dict(cfg)
     if ckpt is not None and ckpt.get("config", config) != config:
         raise UserError(
@@ -363,7 +376,9 @@ def train(parser: argparse.ArgumentParser, argv: list[str], out: Path, resume: b
             f"--tokens {tokens} were made with another tokenizer ({meta['tokenizer']}) than "
             f"--tokenizer {tok_path} (its bytes differ); re-tokenise into a new --tokens folder"
         )
-    tok = tokenizer.load_tokenizer(tok_path).to(d.device) if tok_path.exists() else None
+    tok = None  # (only rank 0 draws the sample grids)
+    if d.is_main and tok_path.exists():
+        tok = tokenizer.load_tokenizer(tok_path).to(d.device)
 
     # -- build (seeded alike on every rank) and resume (common.py)
     torch.manual_seed(recipe.seed)
@@ -429,6 +444,7 @@ def train(parser: argparse.ArgumentParser, argv: list[str], out: Path, resume: b
                 config=config,
                 step=done,
                 argv=first_argv,
+                tokens=tokens_made,
                 position=position,
                 elapsed_s=elapsed + time.perf_counter() - began,
             )

