@@ -123,8 +123,8 @@ def output_file(s: str) -> Path:
     short enough for the files written beside it (a temporary file, <name>.json, <name>.shards)."""
     if Path(s).is_dir():
         raise argparse.ArgumentTypeError(f"{s} is a folder; give a file name")
-    if len(Path(s).name.encode()) > 200:
-        raise argparse.ArgumentTypeError(f"the file name is longer than 200 bytes: {s}")
+    if len(Path(s).name.encode()) > 240:
+        raise argparse.ArgumentTypeError(f"the file name is longer than 240 bytes: {s}")
     return Path(s)
 
 

@@ -501,6 +501,7 @@ class TrainSet(torch.utils.data.Dataset):
         self.source, self.indices = source, np.asarray(indices)
         self.seed, self.random_flip = seed, random_flip
         self.epoch, self.permutation = -1, None
+        self.unreadable = set()  # (named once per worker process)
 
     def index_at(self, pos: int) -> int:
         epoch, offset = divmod(pos, len(self.indices))
@@ -519,7 +520,9 @@ class TrainSet(torch.utils.data.Dataset):
                 x, label = self.source.load(self.index_at(pos + skipped), rng)
                 break
             except UserError as e:
-                print(f"warning: skipped {e}", file=sys.stderr, flush=True)
+                if str(e) not in self.unreadable:
+                    sys.stderr.write(f"warning: skipped {e}\n")  # (one write: whole lines)
+                self.unreadable.add(str(e))
         else:
             raise UserError("100 images in a row are unreadable; is --data an image folder?")
         if self.random_flip and rng.random() < 0.5:

@@ -1002,7 +1002,11 @@ ONE_LINE_ERRORS = [  # (script, argv, words of the message)
     ("train_tok", [*TRAIN_TOK, "--data", "{empty}"], ["no images"]),
     ("train_tok", [*TRAIN_TOK, "--data", "{out}/nowhere"], ["no such file or folder"]),
     ("train_tok", [*TRAIN_TOK, "--recipe", "stage3"], ["stage3"]),
-    ("train_tok", [*TRAIN_TOK, "--init", "{a_list}"], ["list.pt", "is a list, not tokenizer weights"]),
+    (
+        "train_tok",
+        [*TRAIN_TOK, "--init", "{a_list}"],
+        ["list.pt", "is a list, not tokenizer weights"],
+    ),
     ("train_tok", [*TRAIN_TOK, "--init", "{junk}"], ["junk.pt"]),
     ("train_tok", [*TRAIN_TOK, "--batch-size", 0], ["--batch-size"]),
     ("train_tok", [*TRAIN_TOK, "--save-every", 0], ["--save-every"]),
