@@ -1,13 +1,13 @@
 """The plumbing every stage shares, so that the chapters can teach TiTok and nothing else.
 
-Nothing here is part of the method: a reader learning TiTok can skip this file. It keeps the
-chapters honest: one error class and one way for a command line to fail (a single line, never a
-traceback), flag types that refuse bad values before any work starts, files written atomically,
-weights read without running pickled code, images opened in any PIL mode, and the torchrun set-up,
-checkpoints and exact resume that both trainers use.
+Nothing here is TiTok: a reader learning TiTok can skip this file. It keeps the chapters honest:
+one error class and one way for a command line to fail (a single line, never a traceback), flag
+types that refuse bad values before any work starts, files written atomically, weights read without
+running pickled code, images opened in any PIL mode, and what both trainers use: the sample stream,
+the torchrun set-up, checkpoints and exact resume, the official LR schedule, AdamW groups and EMA.
 
-Sections: 1 errors and flags, 2 files and weights, 3 images and datasets, 4 torchrun, 5 checkpoints,
-exact resume and logs.
+Sections: 1 errors and flags, 2 files and weights, 3 images, datasets and the sample stream,
+4 torchrun, 5 checkpoints, exact resume and logs, 6 the LR schedule, AdamW and the EMA.
 This module imports no chapter.
 """
 
@@ -559,6 +559,9 @@ def open_image_source(
     return IdxImages(idx, image_size) if idx else FolderImages(path, image_size, random_crop)
 
 
+EVAL_SIZE = 1_000  # held-out images (the same split in train_gen.py): the reference of rFID, gFID
+
+
 def split_heldout(n: int, n_heldout: int) -> tuple[np.ndarray, np.ndarray]:
     """(train, held-out) indices, the held-out ones spread evenly (a class-sorted folder gives a
     mix of classes)."""
@@ -568,6 +571,55 @@ def split_heldout(n: int, n_heldout: int) -> tuple[np.ndarray, np.ndarray]:
         )
     held = np.unique(np.linspace(0, n - 1, max(n_heldout, 0)).round().astype(np.int64))
     return np.setdiff1d(np.arange(n), held), held
+
+
+# The training stream: a source becomes an endless stream whose order and augmentation depend on
+# the position alone: any number of processes, any resume point, the same samples.
+
+
+class TrainSet(torch.utils.data.Dataset):
+    """Position p of an endless sample stream -> (uint8 image, label). Epoch e = p // n visits the
+    training indices in the permutation seeded by (seed, e); sample p's augmentation is seeded by
+    (seed, p)."""
+
+    def __init__(self, source, indices: np.ndarray, seed: int, random_flip: bool = False):
+        self.source, self.indices = source, np.asarray(indices)
+        self.seed, self.random_flip = seed, random_flip
+        self.epoch, self.permutation = -1, None
+        self.unreadable = set()  # (named once per worker process)
+
+    def index_at(self, pos: int) -> int:
+        epoch, offset = divmod(pos, len(self.indices))
+        if epoch != self.epoch:
+            self.epoch = epoch
+            rng = np.random.default_rng([self.seed, epoch])
+            self.permutation = rng.permutation(len(self.indices))
+        return int(self.indices[self.permutation[offset]])
+
+    def __getitem__(self, pos: int) -> tuple[torch.Tensor, int, int]:
+        """(image, label, unreadable files skipped for it). A big folder may hold a few bad files:
+        each is named on stderr and replaced by the next sample of the stream."""
+        for skipped in range(100):
+            rng = np.random.default_rng([self.seed, pos + skipped, 1])
+            try:
+                x, label = self.source.load(self.index_at(pos + skipped), rng)
+                break
+            except UserError as e:
+                if str(e) not in self.unreadable:
+                    sys.stderr.write(f"warning: skipped {e}\n")  # (one write: whole lines)
+                self.unreadable.add(str(e))
+        else:
+            raise UserError("100 images in a row are unreadable; is --data an image folder?")
+        if self.random_flip and rng.random() < 0.5:
+            x = x.flip(-1)
+        return x, label, skipped
+
+
+def step_batches(start: int, per_rank: int, world: int, rank: int):
+    """A batch sampler: step s covers the positions start + s*G + [0, G), G = per_rank * world;
+    rank r takes the r-th slice of them."""
+    for pos in range(start + rank * per_rank, 2**62, per_rank * world):
+        yield list(range(pos, pos + per_rank))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -864,3 +916,87 @@ def write_log(log, record: dict) -> None:
     shown = ("loss", "lr", "psnr", "images_per_s")
     values = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k in shown)
     print(f"step {record['step']}: {values}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. What both trainers take from the official recipe: the LR schedule, AdamW's groups, the EMA.
+
+
+def lr_at(step: int, base_lr: float, end_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """The official schedule: a linear warm-up from 0 (step 0 trains with lr 0), then half a
+    cosine down to end_lr."""
+    if step < warmup_steps:
+        return base_lr * step / max(1, warmup_steps)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return end_lr + (base_lr - end_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def recipe_lr(recipe, step: int) -> float:
+    """The learning rate of a recipe (this file's or train_gen.py's) at `step`."""
+    return lr_at(step, recipe.lr, recipe.end_lr, recipe.warmup_steps, recipe.max_steps)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def make_adamw(
+    named_params: list[tuple[str, nn.Parameter]],
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+) -> torch.optim.AdamW:
+    """AdamW with the official `exclude` rule: no weight decay on 1-D parameters, embeddings,
+    latent and mask tokens."""
+    words = ("bias", "ln", "norm", "embed", "latent_tokens", "mask_token", "gamma")
+    no_decay = [p.ndim < 2 or any(w in n for w in words) for n, p in named_params]
+    decayed = [p for (_, p), nd in zip(named_params, no_decay) if not nd]
+    not_decayed = [p for (_, p), nd in zip(named_params, no_decay) if nd]
+    groups = [
+        {"params": not_decayed, "weight_decay": 0.0},
+        {"params": decayed, "weight_decay": weight_decay},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8)
+
+
+class EMA:
+    """An fp32 moving average of a model's state dict, evaluated and exported. Its decay warms up
+    as (1 + s) / (10 + s), s = updates - 1, capped at `decay`: it forgets the init quickly."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.999):
+        self.decay, self.step = decay, 0
+        self.shadow = {}
+        for k, v in model.state_dict().items():
+            v = v.detach().clone()
+            self.shadow[k] = v.float() if v.is_floating_point() else v
+
+    def decay_at(self, step: int) -> float:
+        return 0.0 if step <= 1 else min(step / (9 + step), self.decay)  # s = step - 1
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.step += 1
+        d = self.decay_at(self.step)
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                self.shadow[k].lerp_(v.float(), 1.0 - d)  # shadow = d * shadow + (1 - d) * v
+            else:
+                self.shadow[k].copy_(v)
+
+    def state_dict(self) -> dict:
+        return {"shadow": self.shadow, "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shadow = {k: v.to(self.shadow[k].device) for k, v in state["shadow"].items()}
+        self.step = state["step"]
+
+    @contextlib.contextmanager
+    def applied_to(self, model: nn.Module):
+        """The averaged weights in `model` for a while (evaluation), then its own again."""
+        backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(self.shadow)
+        try:
+            yield model
+        finally:
+            model.load_state_dict(backup)

@@ -8,7 +8,7 @@ Read first `train_step` (MaskGIT Sec. 3.1: mask with the arccos schedule, drop l
 classifier-free guidance, the masked-token loss; generator.py's functions), then `main()`.
 Sections: 1 recipe, 2 tokenize (the dataset encoded ONCE: a centre crop and a flipped copy, as the
 official pipeline), 3 the step, 4 main(), 5 command line. The sample stream, the LR schedule,
-AdamW's groups and the EMA are train_tok.py's; checkpoints, exact resume and logs common.py's.
+AdamW's groups, the EMA, checkpoints, exact resume and logs are common.py's.
 
     python train_gen.py          # the tiny generator on data/, tokenised by out/tok/tokenizer.pt
     python train_gen.py tokenize --tokenizer tokenizer_titok_l32.bin --data IMAGENET/train \\
@@ -36,7 +36,8 @@ import common
 import generator
 import tokenizer
 from common import UserError
-from train_tok import EMA, EVAL_SIZE, HERE, TrainSet, make_adamw, recipe_lr, set_lr, step_batches
+
+HERE = Path(__file__).resolve().parent
 
 # ----------------------------------------------------------------------------------------------
 # 1. Recipe: configs/training/generator/maskgit.yaml (AdamW betas (0.9, 0.96), weight decay 0.03).
@@ -96,7 +97,7 @@ def tokenize(
     d: common.Dist,
     dtype: str = "fp32",
     batch_size: int = 64,
-    eval_size: int = EVAL_SIZE,
+    eval_size: int = common.EVAL_SIZE,
 ) -> dict:
     """Encode the training images (and their mirror images) and the held-out ones into token ids:
     out/{tokens,labels,heldout_tokens,heldout_labels}.npy and meta.json."""
@@ -221,8 +222,8 @@ class GenTrainer:
             device_ids = [d.device.index] if d.device.type == "cuda" else None
             self.model = DDP(net, device_ids=device_ids)
         named, betas = list(net.named_parameters()), (recipe.beta1, recipe.beta2)
-        self.opt = make_adamw(named, recipe.lr, betas, recipe.weight_decay)
-        self.ema = EMA(net, recipe.ema_decay)
+        self.opt = common.make_adamw(named, recipe.lr, betas, recipe.weight_decay)
+        self.ema = common.EMA(net, recipe.ema_decay)
 
 
 def mask_sample(ids: torch.Tensor, label: torch.Tensor, position: int, recipe, net) -> tuple:
@@ -238,7 +239,7 @@ def mask_sample(ids: torch.Tensor, label: torch.Tensor, position: int, recipe, n
 def train_step(trainer: GenTrainer, ids, labels, positions: list[int], step: int) -> dict:
     """ids (B, K), labels (B,) on the device, `positions` their places in the sample stream."""
     recipe, net = trainer.recipe, trainer.net
-    set_lr(trainer.opt, recipe_lr(recipe, step))
+    common.set_lr(trainer.opt, common.recipe_lr(recipe, step))
     trainer.model.train()
     masked = [
         mask_sample(ids[i : i + 1].cpu(), labels[i : i + 1].cpu(), pos, recipe, net)
@@ -391,7 +392,7 @@ def train(parser: argparse.ArgumentParser, argv: list[str], out: Path, resume: b
     trainer.last_checkpoint = resumed_from
     first_argv = (ckpt["argv"] if ckpt else []) + argv
     del ckpt
-    trainset = TrainSet(None, np.arange(len(ids)), recipe.seed)
+    trainset = common.TrainSet(None, np.arange(len(ids)), recipe.seed)
     global_batch = recipe.batch_size * d.world
     if d.is_main:
         line = f"generator {run.preset}: {len(ids)} sequences ({meta['data']}), "
@@ -402,7 +403,7 @@ def train(parser: argparse.ArgumentParser, argv: list[str], out: Path, resume: b
 
     # -- the loop
     log = common.open_log(out / "log.jsonl", start, d.is_main)
-    batches = step_batches(position, recipe.batch_size, d.world, d.rank)
+    batches = common.step_batches(position, recipe.batch_size, d.world, d.rank)
     began = time.perf_counter()
     window_start, window_step, last = began, start, {}
     for step in range(start, recipe.max_steps):
@@ -418,7 +419,7 @@ def train(parser: argparse.ArgumentParser, argv: list[str], out: Path, resume: b
             last = {
                 "step": done,
                 **common.world_mean(stats),
-                "lr": recipe_lr(recipe, step),
+                "lr": common.recipe_lr(recipe, step),
                 "tokens_per_s": round(global_batch * steps_per_s * cfg.seq_len, 1),
                 "steps_per_s": round(steps_per_s, 3),
             }
@@ -499,7 +500,10 @@ def build_parser(tokenize: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--data", default=str(HERE / "data"), help="images to tokenise")
     p.add_argument("--out", required=tokenize, default="out/gen", help="output folder")
     p.add_argument(
-        "--eval-size", type=common.nonneg_int, default=EVAL_SIZE, help="held out (as train_tok)"
+        "--eval-size",
+        type=common.nonneg_int,
+        default=common.EVAL_SIZE,
+        help="held out (as train_tok)",
     )
     p.add_argument("--device", type=common.device_arg, help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="autocast dtype")

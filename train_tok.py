@@ -12,8 +12,9 @@ of Sec. 4.1), chosen by --recipe:
           where the released f16 one does not fit, e.g. for the tiny preset.
 
 Read `Recipe`, then section 3, the step (Sec. 3.3 in code), then `main()`. Sections: 1 recipes,
-2 losses, 3 the step, 4 LR schedule, AdamW, EMA, 5 data, 6 models per recipe, 7 evaluation,
-8 main(), 9 command line. Checkpoints, exact resume and logging are common.py's.
+2 losses, 3 the step, 4 models per recipe, 5 evaluation, 6 main(), 7 command line. The sample
+stream, the LR schedule, AdamW's groups, the EMA, checkpoints, exact resume and logging are
+common.py's (train_gen.py uses them too).
 
     bash main.sh   # the tiny tokenizer on data/: --recipe vqgan, then stage1, then stage2
     torchrun --nproc_per_node=8 train_tok.py --preset titok_s128 --recipe stage1 \\
@@ -23,9 +24,7 @@ Read `Recipe`, then section 3, the step (Sec. 3.3 in code), then `main()`. Secti
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import math
 import os
 import sys
 import time
@@ -139,7 +138,6 @@ TINY_CPU: dict[str, dict] = {
         save_every=360,
     ),
 }
-EVAL_SIZE = 1_000  # held-out images (the same split in train_gen.py): the reference of rFID, gFID
 
 # ----------------------------------------------------------------------------------------------
 # 2. Losses. LPIPS (Zhang et al., 2018; fid.py) on VGG16 carries the whole perceptual weight (the
@@ -243,8 +241,8 @@ class Trainer:
             self.model = DDP(self.tok, device_ids=device_ids, find_unused_parameters=unused)
         trained = [(n, p) for n, p in self.tok.named_parameters() if p.requires_grad]
         betas = (recipe.beta1, recipe.beta2)
-        self.opt = make_adamw(trained, recipe.lr, betas, recipe.weight_decay)
-        self.ema = EMA(self.tok, recipe.ema_decay)
+        self.opt = common.make_adamw(trained, recipe.lr, betas, recipe.weight_decay)
+        self.ema = common.EMA(self.tok, recipe.ema_decay)
         self.teacher = teacher.to(d.device) if teacher is not None else None
         self.lpips = lpips.to(d.device) if lpips is not None else None
 
@@ -255,7 +253,7 @@ class Trainer:
             if d.world > 1:
                 self.disc_model = DDP(self.disc, device_ids=device_ids)
             named = list(self.disc.named_parameters())
-            self.disc_opt = make_adamw(named, recipe.disc_lr, betas, recipe.weight_decay)
+            self.disc_opt = common.make_adamw(named, recipe.disc_lr, betas, recipe.weight_decay)
             self.lecam = torch.zeros(2, device=d.device)
 
         self.usage = None  # (a VAE has no codebook)
@@ -296,8 +294,8 @@ def discriminator_step(
     disc_start."""
     recipe = trainer.recipe
     start, total = recipe.disc_start, recipe.max_steps - recipe.disc_start
-    lr = lr_at(step - start, recipe.disc_lr, recipe.end_lr, recipe.warmup_steps, total)
-    set_lr(trainer.disc_opt, lr)  # the discriminator's schedule starts when the GAN does
+    lr = common.lr_at(step - start, recipe.disc_lr, recipe.end_lr, recipe.warmup_steps, total)
+    common.set_lr(trainer.disc_opt, lr)  # the discriminator's schedule starts when the GAN does
     # One forward over real and fake together (GroupNorm is per sample: equal to two forwards).
     logits = trainer.disc_model(torch.cat([real, fake])).float()
     logits_real, logits_fake = logits.chunk(2)
@@ -342,7 +340,7 @@ def train_step(trainer: Trainer, images: torch.Tensor, step: int) -> dict[str, t
     """One step on this rank's images (B, 3, H, W) in [0, 1], then the discriminator's;
     detached statistics."""
     recipe = trainer.recipe
-    set_lr(trainer.opt, recipe_lr(recipe, step))
+    common.set_lr(trainer.opt, common.recipe_lr(recipe, step))
     trainer.model.train()
     codes = None
     if trainer.teacher is not None:
@@ -403,142 +401,7 @@ def restart_dead_codes(trainer: Trainer, images: torch.Tensor, step: int) -> int
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. The optimiser's schedule and groups, and the EMA of the weights (the official recipe).
-
-
-def lr_at(step: int, base_lr: float, end_lr: float, warmup_steps: int, total_steps: int) -> float:
-    """The official schedule: a linear warm-up from 0 (step 0 trains with lr 0), then half a
-    cosine down to end_lr."""
-    if step < warmup_steps:
-        return base_lr * step / max(1, warmup_steps)
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return end_lr + (base_lr - end_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def recipe_lr(recipe, step: int) -> float:
-    """The learning rate of a recipe (this file's or train_gen.py's) at `step`."""
-    return lr_at(step, recipe.lr, recipe.end_lr, recipe.warmup_steps, recipe.max_steps)
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
-def make_adamw(
-    named_params: list[tuple[str, nn.Parameter]],
-    lr: float,
-    betas: tuple[float, float],
-    weight_decay: float,
-) -> torch.optim.AdamW:
-    """AdamW with the official `exclude` rule: no weight decay on 1-D parameters, embeddings,
-    latent and mask tokens."""
-    words = ("bias", "ln", "norm", "embed", "latent_tokens", "mask_token", "gamma")
-    no_decay = [p.ndim < 2 or any(w in n for w in words) for n, p in named_params]
-    decayed = [p for (_, p), nd in zip(named_params, no_decay) if not nd]
-    not_decayed = [p for (_, p), nd in zip(named_params, no_decay) if nd]
-    groups = [
-        {"params": not_decayed, "weight_decay": 0.0},
-        {"params": decayed, "weight_decay": weight_decay},
-    ]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8)
-
-
-class EMA:
-    """An fp32 moving average of a model's state dict, evaluated and exported. Its decay warms up
-    as (1 + s) / (10 + s), s = updates - 1, capped at `decay`: it forgets the init quickly."""
-
-    def __init__(self, model: nn.Module, decay: float = 0.999):
-        self.decay, self.step = decay, 0
-        self.shadow = {}
-        for k, v in model.state_dict().items():
-            v = v.detach().clone()
-            self.shadow[k] = v.float() if v.is_floating_point() else v
-
-    def decay_at(self, step: int) -> float:
-        return 0.0 if step <= 1 else min(step / (9 + step), self.decay)  # s = step - 1
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        self.step += 1
-        d = self.decay_at(self.step)
-        for k, v in model.state_dict().items():
-            if v.is_floating_point():
-                self.shadow[k].lerp_(v.float(), 1.0 - d)  # shadow = d * shadow + (1 - d) * v
-            else:
-                self.shadow[k].copy_(v)
-
-    def state_dict(self) -> dict:
-        return {"shadow": self.shadow, "step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.shadow = {k: v.to(self.shadow[k].device) for k, v in state["shadow"].items()}
-        self.step = state["step"]
-
-    @contextlib.contextmanager
-    def applied_to(self, model: nn.Module):
-        """The averaged weights in `model` for a while (evaluation), then its own again."""
-        backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        model.load_state_dict(self.shadow)
-        try:
-            yield model
-        finally:
-            model.load_state_dict(backup)
-
-
-# ----------------------------------------------------------------------------------------------
-# 5. Data. A source (common.py: idx files or an image folder) maps an index to a uint8 image and
-#    a label; TrainSet makes it an endless stream whose order and augmentation depend on the
-#    position alone: any number of processes, any resume point, the same samples.
-
-
-class TrainSet(torch.utils.data.Dataset):
-    """Position p of an endless sample stream -> (uint8 image, label). Epoch e = p // n visits the
-    training indices in the permutation seeded by (seed, e); sample p's augmentation is seeded by
-    (seed, p)."""
-
-    def __init__(self, source, indices: np.ndarray, seed: int, random_flip: bool = False):
-        self.source, self.indices = source, np.asarray(indices)
-        self.seed, self.random_flip = seed, random_flip
-        self.epoch, self.permutation = -1, None
-        self.unreadable = set()  # (named once per worker process)
-
-    def index_at(self, pos: int) -> int:
-        epoch, offset = divmod(pos, len(self.indices))
-        if epoch != self.epoch:
-            self.epoch = epoch
-            rng = np.random.default_rng([self.seed, epoch])
-            self.permutation = rng.permutation(len(self.indices))
-        return int(self.indices[self.permutation[offset]])
-
-    def __getitem__(self, pos: int) -> tuple[torch.Tensor, int, int]:
-        """(image, label, unreadable files skipped for it). A big folder may hold a few bad files:
-        each is named on stderr and replaced by the next sample of the stream."""
-        for skipped in range(100):
-            rng = np.random.default_rng([self.seed, pos + skipped, 1])
-            try:
-                x, label = self.source.load(self.index_at(pos + skipped), rng)
-                break
-            except UserError as e:
-                if str(e) not in self.unreadable:
-                    sys.stderr.write(f"warning: skipped {e}\n")  # (one write: whole lines)
-                self.unreadable.add(str(e))
-        else:
-            raise UserError("100 images in a row are unreadable; is --data an image folder?")
-        if self.random_flip and rng.random() < 0.5:
-            x = x.flip(-1)
-        return x, label, skipped
-
-
-def step_batches(start: int, per_rank: int, world: int, rank: int):
-    """A batch sampler: step s covers the positions start + s*G + [0, G), G = per_rank * world;
-    rank r takes the r-th slice of them."""
-    for pos in range(start + rank * per_rank, 2**62, per_rank * world):
-        yield list(range(pos, pos + per_rank))
-
-
-# ----------------------------------------------------------------------------------------------
-# 6. Models per recipe: the decoder head, what is frozen, the MaskGIT-VQGAN (as the teacher, the
+# 4. Models per recipe: the decoder head, what is frozen, the MaskGIT-VQGAN (as the teacher, the
 #    pixel decoder or the model).
 
 # The tiny preset (32 px, patch 4) needs a MaskGIT-VQGAN whose code grid matches its 8x8 patches:
@@ -656,7 +519,7 @@ def build_models(
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. Evaluation on the held-out images, and the progress picture.
+# 5. Evaluation on the held-out images, and the progress picture.
 
 
 @torch.no_grad()
@@ -706,7 +569,7 @@ def progress_picture(out: Path, columns: int = 8) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. main(): set-up, build, resume, the loop (log, evaluate, save), export.
+# 6. main(): set-up, build, resume, the loop (log, evaluate, save), export.
 
 # What decides a run's data and model: a resumed run must keep them (common.resolve).
 # The data are compared by content (common.FolderImages.fingerprint), not by path.
@@ -785,12 +648,12 @@ def train(
     del ckpt
 
     workers = 0 if isinstance(source, common.IdxImages) else run.workers  # PIL decodes files
-    trainset = TrainSet(source, train_idx, recipe.seed, recipe.random_flip)
+    trainset = common.TrainSet(source, train_idx, recipe.seed, recipe.random_flip)
     loader = torch.utils.data.DataLoader(
         trainset,
         num_workers=workers,
         persistent_workers=workers > 0,
-        batch_sampler=step_batches(position, recipe.batch_size, d.world, d.rank),
+        batch_sampler=common.step_batches(position, recipe.batch_size, d.world, d.rank),
         pin_memory=d.device.type == "cuda",
         generator=torch.Generator(),  # its own: the global RNG stays as restored
     )
@@ -829,7 +692,7 @@ def train(
             last = {
                 "step": done,
                 **common.world_mean(stats),
-                "lr": recipe_lr(recipe, step),
+                "lr": common.recipe_lr(recipe, step),
                 "images_per_s": round(speed, 2),
                 "epoch": round(position / len(train_idx), 4),
                 "skipped_images": int(common.world_sum(torch.tensor(skipped, device=d.device))),
@@ -892,7 +755,7 @@ def train(
 
 
 # ----------------------------------------------------------------------------------------------
-# 9. Command line. Every Recipe field is a flag, defaulting to the chosen recipe's value.
+# 7. Command line. Every Recipe field is a flag, defaulting to the chosen recipe's value.
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -919,7 +782,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, fields in SIZE_FLAGS.items():
         help = f"{'/'.join(fields)} instead of the preset's"
         p.add_argument(f"--{flag.replace('_', '-')}", type=common.positive_int, help=help)
-    p.add_argument("--eval-size", type=common.nonneg_int, default=EVAL_SIZE, help="held out")
+    p.add_argument("--eval-size", type=common.nonneg_int, default=common.EVAL_SIZE, help="held out")
     common.add_recipe_flags(p, Recipe)
     return p
 

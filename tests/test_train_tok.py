@@ -145,15 +145,15 @@ def test_lr_schedule_and_ema_decay_match_reference():
     io = common.read_safetensors(fixture("losses_schedules_metrics.io.safetensors"))
     # base 1e-4, end 1e-5, warm-up 10k, total 1M, incl. steps 0 (lr 0) and past the end
     ours = torch.tensor(
-        [TT.lr_at(int(s), 1e-4, 1e-5, 10_000, 1_000_000) for s in io["lr_steps"]],
+        [common.lr_at(int(s), 1e-4, 1e-5, 10_000, 1_000_000) for s in io["lr_steps"]],
         dtype=torch.float64,
     )
     torch.testing.assert_close(ours, io["lr_values"], rtol=1e-9, atol=0)
-    ema = TT.EMA(torch.nn.Linear(2, 2), decay=0.999)
+    ema = common.EMA(torch.nn.Linear(2, 2), decay=0.999)
     ours = torch.tensor([ema.decay_at(int(s)) for s in io["ema_steps"]], dtype=torch.float64)
     torch.testing.assert_close(ours, io["ema_decay"], rtol=1e-12, atol=0)
     model = torch.nn.Linear(3, 1)  # and the update itself: decay 0 (a copy), then 2/11
-    ema, w0 = TT.EMA(model), model.weight.detach().clone()
+    ema, w0 = common.EMA(model), model.weight.detach().clone()
     for _ in range(2):
         with torch.no_grad():
             model.weight.add_(1.0)
@@ -244,7 +244,7 @@ def test_lpips_real_weights_on_example_images():
 
 def test_weight_decay_groups():
     tok = T.TiTok(T.PRESETS["tiny"])
-    no_decay, decay = TT.make_adamw(
+    no_decay, decay = common.make_adamw(
         list(tok.named_parameters()), 1e-3, (0.9, 0.99), 1e-4
     ).param_groups
     names = {id(p): n for n, p in tok.named_parameters()}
@@ -300,10 +300,10 @@ def test_data_stream_is_independent_of_world_size():
     x, _ = src.load(0, None)
     assert x.shape == (3, 32, 32) and x.dtype == torch.uint8
     assert x[:, :2].max() == 0 and x[:, 2:30, 2:30].max() > 0  # 2-pixel black border
-    one, two = TT.step_batches(0, 8, 1, 0), [TT.step_batches(0, 4, 2, r) for r in (0, 1)]
+    one, two = common.step_batches(0, 8, 1, 0), [common.step_batches(0, 4, 2, r) for r in (0, 1)]
     for _, b1, b2a, b2b in zip(range(30), one, *two):
         assert b1 == b2a + b2b
-    ts = TT.TrainSet(src, np.arange(100), seed=1, random_flip=True)
+    ts = common.TrainSet(src, np.arange(100), seed=1, random_flip=True)
     epoch0 = [ts.index_at(p) for p in range(100)]
     assert sorted(epoch0) == list(range(100)) and epoch0 != sorted(epoch0)
     assert torch.equal(ts[123][0], ts[123][0])  # seeded augmentation
