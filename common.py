@@ -23,9 +23,11 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
 import socket
 import sys
+import zipfile
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -291,7 +293,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if path.suffix == ".safetensors":
         return read_safetensors(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # Memory-mapped where the format allows it: eight processes resuming from one checkpoint
+        # share its pages instead of holding eight copies each.
+        mapped = zipfile.is_zipfile(path)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
     except Exception as e:  # pickle errors, truncated zip files, foreign formats: say which
         first_line = (str(e).strip() or repr(e)).splitlines()[0]
         raise UserError(f"{path}: cannot read as a torch checkpoint ({first_line})") from None
@@ -448,6 +453,17 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of images in [0, 1] (the MSE over the whole batch)."""
     mse = F.mse_loss(a.float(), b.float()).item()
     return 10 * math.log10(1.0 / mse) if mse else math.inf
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """fp32 matmuls at full precision in the block, even where TF32 is on (GPUs)."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
@@ -647,13 +663,16 @@ def distributed(device: torch.device | None = None, timeout_hours: float = 0.5):
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = device or default_device()
-    if world > 1 and device.type == "cuda":  # one GPU per process
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
+    if device.type == "cuda":
+        device = gpu_of_process(device, world, local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(device)  # (the RNG state saved in checkpoints is this GPU's)
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls and convolutions on GPUs,
+        torch.backends.cudnn.allow_tf32 = True  # as the official code
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = timedelta(hours=timeout_hours)
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
+        bound = {"device_id": device} if device.type == "cuda" else {}  # NCCL knows its GPU
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, **bound)
     # CPU runs repeat to the last digit: the default embedding backward (the codebook's gradient)
     # adds across threads in a varying order, and the nearest-code choice amplifies the difference.
     # GPUs keep their fast kernels.
@@ -672,27 +691,48 @@ def distributed(device: torch.device | None = None, timeout_hours: float = 0.5):
             dist.destroy_process_group()
 
 
+def gpu_of_process(device: torch.device, world: int, local_rank: int, gpus: int) -> torch.device:
+    """The GPU of this process: under torchrun, local rank r takes GPU r % (the GPUs it sees), so a
+    launcher that shows each process a single GPU gives it cuda:0; alone, the one asked for."""
+    if world > 1:
+        return torch.device("cuda", local_rank % gpus)
+    return torch.device("cuda", device.index or 0)
+
+
 @contextlib.contextmanager
 def exclusive(folder: Path, d: Dist):
     """`folder` belongs to this job for the block: rank 0 holds an flock on folder/.lock, which the
     kernel drops when the process ends, however it ends (kill -9 included), so a leftover file
-    blocks nothing. A second job on the same folder is refused, naming the first."""
+    blocks nothing. A second job on the same folder is refused, naming the first. Every process
+    must read what rank 0 wrote there: on several nodes, a folder they do not share is refused."""
     folder.mkdir(parents=True, exist_ok=True)
-    lock, owner = None, ""
+    lock, owner, token = None, "", float(secrets.randbits(52))
     if d.is_main:
         lock = open(folder / ".lock", "a+")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             lock.truncate(0)
-            lock.write(f"process {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv)}")
+            argv = " ".join(sys.argv)
+            lock.write(f"process {os.getpid()} on {socket.gethostname()}: {argv}\n{token:.0f}")
             lock.flush()
+            os.fsync(lock.fileno())  # (a network file system shows it to the other nodes)
         except BlockingIOError:
             lock.seek(0)
-            owner = lock.read().strip() or "another process"
+            owner = (lock.read().strip() or "another process").splitlines()[0]
             lock.close()
-    refused = world_sum(torch.tensor([float(bool(owner))], device=d.device))
-    if refused.item():
+    first = [float(bool(owner)), token if d.is_main else 0.0]
+    refused, token = world_sum(torch.tensor(first, dtype=torch.float64, device=d.device)).tolist()
+    if refused:
         raise UserError(f"{folder} is in use by {owner}; wait for it, or use another folder")
+    unseen = True
+    with contextlib.suppress(OSError):
+        unseen = f"{token:.0f}" not in (folder / ".lock").read_text()
+    blind = world_sum(torch.tensor([float(unseen)], device=d.device)).item()
+    if blind:
+        raise UserError(
+            f"{blind:.0f} of {d.world} processes do not see {folder / '.lock'} as process 0 wrote "
+            "it: on several nodes, give a folder on a file system that all of them share"
+        )
     try:
         yield
     finally:
@@ -868,15 +908,19 @@ def restore(ckpt: dict | None, parts: dict, d: Dist, seed: int) -> None:
         torch.manual_seed(seed + d.rank + (int(ckpt["step"]) if ckpt else 0))
 
 
-def check_finite(value: torch.Tensor, what: str, step: int, last_checkpoint: Path | None) -> None:
-    """Stop every process at the first NaN/inf, before the update. Finite weights that gave it
-    (|w| = 1e30) may be saved already: that ckpt_<step> becomes *.pt.nonfinite, so the newest
-    checkpoint left is the last good one."""
-    bad = (~torch.isfinite(value.detach())).any().float().reshape(1)
+def check_finite(values: dict[str, torch.Tensor], step: int, last_checkpoint: Path | None) -> None:
+    """Stop every process at the first NaN/inf among `values` (a loss, a gradient norm), before
+    the update; one all-reduce and one read by the host. Finite weights that gave it (|w| = 1e30)
+    may be saved already: that ckpt_<step> becomes *.pt.nonfinite, so the newest checkpoint left
+    is the last good one."""
+    bad = torch.stack([~torch.isfinite(v.detach()).all() for v in values.values()]).float()
     if dist.is_initialized():
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    if not bad.item():
+    bad = bad.tolist()
+    if not any(bad):
         return
+    what = list(values)[bad.index(1.0)]
+    value = values[what].detach().flatten()[0].item()
     if last_checkpoint is not None and int(last_checkpoint.stem[5:]) >= step:
         if int(os.environ.get("RANK", "0")) == 0:
             last_checkpoint.rename(last_checkpoint.with_suffix(".pt.nonfinite"))
@@ -884,7 +928,7 @@ def check_finite(value: torch.Tensor, what: str, step: int, last_checkpoint: Pat
         last_checkpoint = older[-1] if older else None
     where = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no good checkpoint"
     raise UserError(
-        f"{what} is {value.detach().flatten()[0].item()} at step {step}; stopped without saving "
+        f"{what} is {value} at step {step}; stopped without saving "
         f"({where}; continue with --resume, e.g. with a lower --lr)"
     )
 
@@ -978,11 +1022,14 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         self.step += 1
         d = self.decay_at(self.step)
-        for k, v in model.state_dict().items():
-            if v.is_floating_point():
-                self.shadow[k].lerp_(v.float(), 1.0 - d)  # shadow = d * shadow + (1 - d) * v
-            else:
-                self.shadow[k].copy_(v)
+        state = model.state_dict()
+        floats = [k for k, v in state.items() if v.is_floating_point()]
+        shadow, current = [self.shadow[k] for k in floats], [state[k].float() for k in floats]
+        torch._foreach_lerp_(
+            shadow, current, 1.0 - d
+        )  # shadow = d * shadow + (1 - d) * v, all at once
+        for k in state.keys() - set(floats):
+            self.shadow[k].copy_(state[k])
 
     def state_dict(self) -> dict:
         return {"shadow": self.shadow, "step": self.step}

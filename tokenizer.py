@@ -186,7 +186,9 @@ class VectorQuantizer(nn.Module):
         # The nearest-code search decides a discrete outcome, so it runs in fp32 with autocast OFF
         # (as the official quantizer): autocast would run `z @ e.t()` in bf16 whatever the inputs'
         # dtype, and bf16's ~3e-3 rounding of a cosine flips the argmin between near-tied codes.
-        with torch.autocast(z.device.type, enabled=False):
+        # TF32 (on for training on GPUs, as in the official code, whose search then runs in TF32)
+        # rounds to ~5e-4, with the same effect: the search switches it off.
+        with torch.autocast(z.device.type, enabled=False), common.exact_fp32():
             B, C, H, W = z.shape
             z = z.float().permute(0, 2, 3, 1).reshape(-1, C)  # (B*H*W, C)
             if self.use_l2_norm:
@@ -202,7 +204,10 @@ class VectorQuantizer(nn.Module):
             codebook = F.mse_loss(zq, z.detach())
             zq = z + (zq - z).detach()  # straight-through estimator: zq's gradient goes to z
 
-            counts = torch.bincount(ids, minlength=e.shape[0]).float()
+            ones = torch.ones_like(
+                ids, dtype=torch.float32
+            )  # (counted where ids are: no host sync)
+            counts = torch.zeros(len(e), device=ids.device).index_add_(0, ids, ones)
             p = counts / counts.sum()
             perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-10))).sum())
         stats = dict(

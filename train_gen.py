@@ -237,15 +237,18 @@ def mask_sample(ids: torch.Tensor, label: torch.Tensor, position: int, recipe, n
 
 
 def train_step(trainer: GenTrainer, ids, labels, positions: list[int], step: int) -> dict:
-    """ids (B, K), labels (B,) on the device, `positions` their places in the sample stream."""
-    recipe, net = trainer.recipe, trainer.net
+    """ids (B, K), labels (B,), `positions` their places in the sample stream. Each sample is masked
+    on the CPU by its own seeded generator; the batch then goes to the device in one copy."""
+    recipe, net, device = trainer.recipe, trainer.net, trainer.dist.device
     common.set_lr(trainer.opt, common.recipe_lr(recipe, step))
     trainer.model.train()
+    ids, labels = ids.cpu(), labels.cpu()
     masked = [
-        mask_sample(ids[i : i + 1].cpu(), labels[i : i + 1].cpu(), pos, recipe, net)
+        mask_sample(ids[i : i + 1], labels[i : i + 1], pos, recipe, net)
         for i, pos in enumerate(positions)
     ]
-    inputs, mask, cond = (torch.cat(v).to(ids.device) for v in zip(*masked))
+    inputs, mask, cond = (torch.cat(v).to(device, non_blocking=True) for v in zip(*masked))
+    ids = ids.to(device, non_blocking=True)
     with common.autocast(trainer.dist.device, trainer.dtype):
         logits = trainer.model(inputs, cond)  # (B, K, codebook)
     loss, accuracy = generator.masked_token_loss(
@@ -255,11 +258,11 @@ def train_step(trainer: GenTrainer, ids, labels, positions: list[int], step: int
     # average equals the loss of the whole global batch normalised once (as one process would).
     weight = (mask.sum() + recipe.unmasked_weight * (~mask).sum()).float()
     share = weight * trainer.dist.world / common.world_sum(weight)
-    common.check_finite(loss, "loss", step, trainer.last_checkpoint)
     (loss * share).backward()
 
     grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), recipe.grad_clip)
-    common.check_finite(grad_norm, "gradient norm", step, trainer.last_checkpoint)
+    finite = {"loss": loss, "gradient norm": grad_norm}  # (a NaN loss gives a NaN gradient)
+    common.check_finite(finite, step, trainer.last_checkpoint)
     trainer.opt.step()
     trainer.opt.zero_grad(set_to_none=True)
     trainer.ema.update(net)
@@ -409,7 +412,7 @@ def train(parser: argparse.ArgumentParser, argv: list[str], out: Path, resume: b
     for step in range(start, recipe.max_steps):
         positions = next(batches)
         picked = [trainset.index_at(p) for p in positions]
-        batch_ids, batch_labels = ids[picked].to(d.device), labels[picked].to(d.device)
+        batch_ids, batch_labels = ids[picked], labels[picked]  # (on the CPU: masked there)
         stats = train_step(trainer, batch_ids, batch_labels, positions, step)
         position, done = position + global_batch, step + 1
 

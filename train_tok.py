@@ -305,7 +305,7 @@ def discriminator_step(
     ema_real, ema_fake = trainer.lecam
     lecam = recipe.lecam_weight * lecam_loss(real_mean, fake_mean, ema_real, ema_fake)
     loss = hinge + lecam
-    common.check_finite(loss, "discriminator loss", step, trainer.last_checkpoint)
+    common.check_finite({"discriminator loss": loss}, step, trainer.last_checkpoint)
     loss.backward()
 
     means = torch.stack([real_mean, fake_mean]).detach()
@@ -350,12 +350,12 @@ def train_step(trainer: Trainer, images: torch.Tensor, step: int) -> dict[str, t
     with common.autocast(trainer.dist.device, trainer.dtype):
         out, result = trainer.model(images, **keep)
     loss, terms = generator_loss(trainer, images, out, result, codes, step)
-    common.check_finite(loss, "loss", step, trainer.last_checkpoint)
     loss.backward()
 
     params = [p for group in trainer.opt.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
-    common.check_finite(grad_norm, "gradient norm", step, trainer.last_checkpoint)
+    finite = {"loss": loss, "gradient norm": grad_norm}  # (a NaN loss gives a NaN gradient)
+    common.check_finite(finite, step, trainer.last_checkpoint)
     trainer.opt.step()
     trainer.opt.zero_grad(set_to_none=True)
     trainer.ema.update(trainer.tok)
@@ -365,7 +365,8 @@ def train_step(trainer: Trainer, images: torch.Tensor, step: int) -> dict[str, t
     if "ids" in result:
         stats["perplexity"] = result["perplexity"].detach()
         stats["code_usage"] = result["code_usage"].detach()
-        trainer.usage += torch.bincount(result["ids"].flatten(), minlength=trainer.usage.numel())
+        ids = result["ids"].flatten()  # counted on the device (bincount would wait for the host)
+        trainer.usage.index_add_(0, ids, torch.ones_like(ids, dtype=trainer.usage.dtype))
     if trainer.disc is not None and step >= recipe.disc_start:
         stats.update(discriminator_step(trainer, images, out.detach().float(), step))
     return stats
@@ -613,8 +614,6 @@ def train(
         return
     cfg = resized(recipe_config(run.preset, run.recipe), run)
     config = dataclasses.asdict(cfg)
-    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on GPUs, as the official code
-    torch.backends.cudnn.allow_tf32 = True
 
     # -- build: the models (seeded alike on every rank), the losses, the data
     torch.manual_seed(recipe.seed)

@@ -93,11 +93,12 @@ def one_line_error(r: Run, *words) -> str:
 
 def snapshot(folder: Path) -> dict[str, str]:
     """Every file below `folder` -> sha256 of its bytes: compared before and after a run, "no earlier
-    output was changed or lost" (and no file, a temporary one included, was added)."""
+    output was changed or lost" (and no file, a temporary one included, was added). A job's .lock
+    file (common.exclusive: who holds the folder) is no output."""
     return {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(folder.rglob("*"))
-        if p.is_file()
+        if p.is_file() and p.name != ".lock"
     }
 
 
