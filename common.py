@@ -130,11 +130,13 @@ def output_file(s: str) -> Path:
     return Path(s)
 
 
-def default_workers() -> int:
-    """Data-loading processes: the cores this process may use, shared with the other processes of
-    the node (torchrun's LOCAL_WORLD_SIZE), at most 8."""
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, min(8, len(os.sched_getaffinity(0)) // per_node))
+def add_workers_flag(parser: argparse.ArgumentParser) -> None:
+    """--workers: the processes decoding image files. Default: this process's share of the cores
+    (torchrun's LOCAL_WORLD_SIZE processes share a node), at most 8."""
+    cores = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    default = max(1, min(8, cores))
+    help = f"processes decoding image files (default: this process's share of the cores, {default})"
+    parser.add_argument("--workers", type=nonneg_int, default=default, help=help)
 
 
 def default_device() -> torch.device:
@@ -512,6 +514,9 @@ class IdxImages:
         content.update(self.labels.tobytes())
         self.fingerprint = content.hexdigest()
 
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:  # (a DataLoader's dataset)
+        return self.load(i, None)
+
     def load(self, i: int, rng: np.random.Generator | None) -> tuple[torch.Tensor, int]:
         x = torch.from_numpy(self.images[i].copy())[None].float()
         x = F.pad(x, (2, 2, 2, 2))  # (1, 32, 32)
@@ -521,34 +526,45 @@ class IdxImages:
         return x, int(self.labels[i])
 
 
+def list_images(root: Path) -> tuple[list[str], str]:
+    """The image files under `root` (relative paths, sorted) and what defines them for a resumed
+    run to compare: each file's name and size (one stat per file; 1.28 M files' bytes would take
+    hours to read)."""
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise UserError(
+            f"--data {root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) "
+            "and no *-images-idx3-ubyte[.gz] files"
+        )
+    names, listing = [p.relative_to(root).as_posix() for p in files], hashlib.sha256()
+    for p, name in zip(files, names):
+        try:
+            size = p.stat().st_size
+        except OSError:  # (a dangling link: training skips it, as any unreadable file)
+            size = -1
+        listing.update(f"{name}\t{size}\n".encode())
+    return names, listing.hexdigest()
+
+
 class FolderImages:
     """root/<class>/<image> (ImageNet's layout; sorted classes -> labels). Training: the shorter
-    side to image_size and a random crop (the official loader); else the evaluation transform."""
+    side to image_size and a random crop (the official loader); else the evaluation transform.
+    Process 0 lists the folder and sends the list to the others."""
 
-    def __init__(self, root: Path, image_size: int, random_crop: bool = True):
-        files = (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        self.files = sorted(files)
-        if not self.files:
-            raise UserError(
-                f"--data {root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) "
-                "and no *-images-idx3-ubyte[.gz] files"
-            )
-        parts = [p.relative_to(root).parts for p in self.files]
+    def __init__(
+        self, root: Path, image_size: int, random_crop: bool = True, d: Dist | None = None
+    ):
+        names, self.fingerprint = from_rank0(lambda: list_images(root), d)
+        self.files = [root / name for name in names]
+        parts = [name.split("/") for name in names]
         class_names = sorted({q[0] for q in parts if len(q) > 1})
         classes = {c: i for i, c in enumerate(class_names)}
         self.labels = [classes[q[0]] if len(q) > 1 else 0 for q in parts]
         self.image_size, self.random_crop = image_size, random_crop
         self.description = f"{len(self.files)} images in {len(classes) or 1} classes under {root}"
-        # What defines the data, for a resumed run to compare: each file's name and size (one
-        # stat per file; reading 1.28 M files' bytes would take hours).
-        listing = hashlib.sha256()
-        for p, q in zip(self.files, parts):
-            try:
-                size = p.stat().st_size
-            except OSError:  # (a dangling link: training skips it, as any unreadable file)
-                size = -1
-            listing.update(f"{'/'.join(q)}\t{size}\n".encode())
-        self.fingerprint = listing.hexdigest()
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:  # (a DataLoader's dataset)
+        return self.load(i, None)
 
     def load(self, i: int, rng: np.random.Generator | None) -> tuple[torch.Tensor, int]:
         s, img = self.image_size, open_rgb(self.files[i])
@@ -561,7 +577,7 @@ class FolderImages:
 
 
 def open_image_source(
-    path: str | os.PathLike, image_size: int, random_crop: bool = True
+    path: str | os.PathLike, image_size: int, random_crop: bool = True, d: Dist | None = None
 ) -> IdxImages | FolderImages:
     """--data: an idx(.gz) file, a folder of `*-images-idx3-ubyte[.gz]` files (all used), or
     images."""
@@ -572,7 +588,7 @@ def open_image_source(
         idx = [path]
     else:
         idx = sorted(path.glob("*-images-idx3-ubyte.gz")) + sorted(path.glob("*-images-idx3-ubyte"))
-    return IdxImages(idx, image_size) if idx else FolderImages(path, image_size, random_crop)
+    return IdxImages(idx, image_size) if idx else FolderImages(path, image_size, random_crop, d)
 
 
 EVAL_SIZE = 1_000  # held-out images (the same split in train_gen.py): the reference of rFID, gFID
@@ -701,22 +717,23 @@ def gpu_of_process(device: torch.device, world: int, local_rank: int, gpus: int)
 
 @contextlib.contextmanager
 def exclusive(folder: Path, d: Dist):
-    """`folder` belongs to this job for the block: rank 0 holds an flock on folder/.lock, which the
-    kernel drops when the process ends, however it ends (kill -9 included), so a leftover file
-    blocks nothing. A second job on the same folder is refused, naming the first. Every process
-    must read what rank 0 wrote there: on several nodes, a folder they do not share is refused."""
+    """`folder` belongs to this job for the block: rank 0 holds a POSIX lock on folder/.lock, which
+    the kernel drops when the process ends, however it ends (kill -9 included), so a leftover file
+    blocks nothing (nor do data-loading processes forked from it: the lock is not inherited). A
+    second job on the same folder is refused, naming the first. Every process must read what rank 0
+    wrote there: on several nodes, a folder they do not share is refused."""
     folder.mkdir(parents=True, exist_ok=True)
     lock, owner, token = None, "", float(secrets.randbits(52))
     if d.is_main:
         lock = open(folder / ".lock", "a+")
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             lock.truncate(0)
             argv = " ".join(sys.argv)
             lock.write(f"process {os.getpid()} on {socket.gethostname()}: {argv}\n{token:.0f}")
             lock.flush()
             os.fsync(lock.fileno())  # (a network file system shows it to the other nodes)
-        except BlockingIOError:
+        except (BlockingIOError, PermissionError):  # (EAGAIN or EACCES: another process holds it)
             lock.seek(0)
             owner = (lock.read().strip() or "another process").splitlines()[0]
             lock.close()
@@ -724,9 +741,9 @@ def exclusive(folder: Path, d: Dist):
     refused, token = world_sum(torch.tensor(first, dtype=torch.float64, device=d.device)).tolist()
     if refused:
         raise UserError(f"{folder} is in use by {owner}; wait for it, or use another folder")
-    unseen = True
+    unseen = not d.is_main  # (closing a second handle would drop rank 0's lock: it reads none)
     with contextlib.suppress(OSError):
-        unseen = f"{token:.0f}" not in (folder / ".lock").read_text()
+        unseen = unseen and f"{token:.0f}" not in (folder / ".lock").read_text()
     blind = world_sum(torch.tensor([float(unseen)], device=d.device)).item()
     if blind:
         raise UserError(
@@ -761,12 +778,28 @@ def world_mean(stats: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: round(v, 6) for k, v in zip(names, values.tolist())}
 
 
+def from_rank0(make, d: Dist | None):
+    """make() in process 0 only; its result, or its UserError, goes to every process (one listing
+    of a big folder, not one per process)."""
+    box = [None]
+    if d is None or d.is_main:
+        try:
+            box = [make()]
+        except UserError as e:
+            box = [e]
+    if d is not None and d.world > 1:
+        dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], UserError):
+        raise box[0]
+    return box[0]
+
+
 def run_in_chunks(
-    folder: Path, fingerprint: dict, make_chunk, num_chunks: int, d: Dist, desc: str
+    folder: Path, fingerprint: dict, make_chunks, num_chunks: int, d: Dist, desc: str
 ) -> list[Path]:
-    """Work split into chunks over the processes: chunk k is rank (k % world)'s, make_chunk(k) is
-    written atomically as folder/<k>.npy, and the chunks already written are skipped: a rerun
-    resumes. The folder records `fingerprint` (what the chunks depend on) before any chunk; chunks
+    """Work split into chunks over the processes: chunk k is rank (k % world)'s, the chunks
+    already written are skipped (a rerun resumes), and make_chunks(ks) yields this process's
+    chunks ks in order, each written atomically as folder/<k>.npy. The folder records `fingerprint` (what the chunks depend on) before any chunk; chunks
     made with other values are refused, never mixed in. Returns the chunk files, once every
     process has written its own."""
     stamp, key = folder / "fingerprint.json", json.dumps(fingerprint, sort_keys=True)
@@ -788,8 +821,10 @@ def run_in_chunks(
     barrier()
     mine = [k for k in todo if k % d.world == d.rank]
     processes = f"{d.world} process{'es' if d.world > 1 else ''}"
-    for k in tqdm(mine, desc=f"{desc} ({processes})", disable=not d.is_main):
-        chunk = make_chunk(k)
+    chunks = zip(mine, make_chunks(mine))
+    for k, chunk in tqdm(
+        chunks, desc=f"{desc} ({processes})", total=len(mine), disable=not d.is_main
+    ):
         write_atomic(files[k], lambda f: np.save(f, chunk))
     barrier()
     return files

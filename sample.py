@@ -107,7 +107,8 @@ def run_npz(args, sample, labels: list[int], settings: dict, d: common.Dist) -> 
         numerics = dict(threads_per_process=torch.get_num_threads(), chip=chip(d.device))
         num_batches = math.ceil(len(labels) / args.batch_size)
         stamp = fingerprint | numerics
-        files = common.run_in_chunks(shards, stamp, sample, num_batches, d, "sampling")
+        batches = functools.partial(map, sample)  # batches(bs): the images of batches bs
+        files = common.run_in_chunks(shards, stamp, batches, num_batches, d, "sampling")
         if not d.is_main:
             return
 

