@@ -218,10 +218,21 @@ def read_json(path: str | os.PathLike) -> dict:
         raise UserError(f"{path}: not valid JSON ({e}); is the file complete?") from None
 
 
-def sha256_of(path: str | os.PathLike) -> str:
-    """A model known by content: the sha256 of a file (as `sha256sum` prints it), or of a folder's
-    files' ones (an HF snapshot)."""
+def run_file(path: str | os.PathLike) -> Path:
+    """A training run's folder, named where a model is expected, stands for its export, or else
+    its newest checkpoint; any other path for itself."""
     path = Path(path)
+    if not path.is_dir():
+        return path
+    files = [path / f"{kind}.pt" for kind in ("tokenizer", "vqgan", "generator")]
+    files = [f for f in files if f.is_file()] or list_checkpoints(path)[-1:]
+    return files[0] if files else path
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """A model known by content: the sha256 of a file (as `sha256sum` prints it), of the file a run
+    folder stands for, or of a folder's files' ones (an HF snapshot)."""
+    path = run_file(path)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file())
         return hashlib.sha256("".join(sha256_of(p) for p in files).encode()).hexdigest()
@@ -279,17 +290,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     """A weights file: .safetensors through the reader above, anything else through torch.load(
     weights_only=True), which only rebuilds tensors and plain containers (no pickled code runs).
     A training run's folder stands for its export, or else its newest checkpoint."""
-    path = Path(path)
+    path, named = run_file(path), Path(path)
     if path.is_dir():
-        files = [path / f"{kind}.pt" for kind in ("tokenizer", "vqgan", "generator")]
-        files = [f for f in files if f.is_file()] or list_checkpoints(path)[-1:]
-        if not files:
-            raise UserError(
-                f"{path} is a folder without weights (no model.safetensors or pytorch_model.bin "
-                "of a model hub, no export or ckpt_*.pt of a training run)"
-            )
-        note(f"{path}: reading {files[0].name}")
-        path = files[0]
+        raise UserError(
+            f"{path} is a folder without weights (no model.safetensors or pytorch_model.bin "
+            "of a model hub, no export or ckpt_*.pt of a training run)"
+        )
+    if path != named:
+        note(f"{named}: reading {path.name}")
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from test_bad_inputs import image_folder, one_line_error, run, snapshot
 
+import common
 import sample
 import train_tok
 from common import UserError
@@ -427,6 +428,8 @@ def test_a_run_folder_or_checkpoint_is_a_model(tok_run, models, tmp_path, helper
         r = run("tokenizer", "reconstruct", image, "--ckpt", name, "--out", tmp_path / "o")
         assert r.code == 0 and "PSNR" in r.out, r.err
     assert "the EMA weights of this training checkpoint (step 2)" in r.err
+    # a run named by its folder is known by the content of that one file (as models are)
+    assert common.sha256_of(tok_run) == common.sha256_of(tok_run / "tokenizer.pt")
 
     gen = tmp_path / "gen"
     tokens = helpers.make_tokens(tmp_path / "tokens")
