@@ -122,11 +122,11 @@ def float_in(low: float, high: float, below_high: bool = False):
 
 def output_file(s: str) -> Path:
     """An argparse type: a file to write, not a folder (missing folders are made), with a name
-    short enough for the files written beside it (a temporary file, <name>.json, <name>.shards)."""
+    short enough for the files written beside it: .<name>.<pid>.tmp must fit in 255 bytes."""
     if Path(s).is_dir():
         raise argparse.ArgumentTypeError(f"{s} is a folder; give a file name")
-    if len(Path(s).name.encode()) > 240:
-        raise argparse.ArgumentTypeError(f"the file name is longer than 240 bytes: {s}")
+    if len(Path(s).name.encode()) > 242:
+        raise argparse.ArgumentTypeError(f"the file name is longer than 242 bytes: {s}")
     return Path(s)
 
 
