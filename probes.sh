@@ -11,7 +11,7 @@
 #   (e) beyond the paper: nested dropout, so that any prefix of the tokens decodes (FlexTok, One-D-Piece)
 #
 #   bash probes.sh                                 # into out/probes, ~30 minutes on 2 cores
-#   CURVE=1 bash probes.sh                         # also S-8 and B-64 to 2,400 steps: the curve behind S1_STEPS
+#   CURVE=1 bash probes.sh                         # also S-8, B-32, B-64 to 2,400 steps: the curve behind S1_STEPS
 #   OUT=/tmp/p SMOKE=1 bash probes.sh              # a few steps per run: checks the hand-offs (CI does this)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -153,7 +153,7 @@ elif what == "recon":  # (a), (c): proxy-code accuracy, PSNR on the 1,000 held-o
                   "(a) held-out proxy-code accuracy vs stage-1 steps", log2_x=False)
 elif what == "curve":  # CURVE=1: the extreme rows to CURVE_STEPS
     result = {n: [(r["step"], r["code_acc"]) for r in log(n) if "code_acc" in r] for n in names}
-    line_plot(result, P / pic, "held-out proxy-code accuracy vs stage-1 steps: S-8 and B-64", log2_x=False)
+    line_plot(result, P / pic, "held-out proxy-code accuracy vs stage-1 steps (S-8, B-32, B-64)", log2_x=False)
 elif what == "prefix":  # (e): PSNR of the first k tokens' decoding
     x = heldout(names[0])
     rows = [x]
@@ -191,7 +191,7 @@ elif what == "report":  # the tables of results.md, from the json files above an
            "|---|" + "---|" * len(a.get("S8", {}).get("curve", []))]
     md += [f"| {n} | " + " | ".join(f"{y:.4f}" for _, y in d["curve"]) + " |" for n, d in a.items() if "curve" in d]
     if curve:
-        md += ["", "CURVE=1: S-8 and B-64 to the end of the curve (held-out code accuracy):\n",
+        md += ["", "CURVE=1: the curve rows to CURVE_STEPS, evaluated 16 times (held-out code accuracy):\n",
                "| step | " + " | ".join(curve) + " |", "|---|" + "---|" * len(curve)]
         md += [f"| {t} | " + " | ".join(f"{dict(c).get(t, float('nan')):.4f}" for c in curve.values()) + " |"
                for t, _ in next(iter(curve.values()))]
@@ -231,7 +231,8 @@ probe_a() {  # stage 1 of every row, then its measurements and plots
 curve() {  # CURVE=1: the extreme rows, S-8 and B-64, to CURVE_STEPS: does their order hold beyond S1_STEPS?
   stage1 S8long "$CURVE_STEPS" --num-tokens 8 "${S[@]}" --eval-every $(( CURVE_STEPS / 16 ))
   stage1 B64long "$CURVE_STEPS" --num-tokens 64 "${B[@]}" --eval-every $(( CURVE_STEPS / 16 ))
-  measure curve curve.json curve.png S8long B64long
+  stage1 B32long "$CURVE_STEPS" --num-tokens 32 "${B[@]}" --eval-every $(( CURVE_STEPS / 16 ))  # does 64 pass 32?
+  measure curve curve.json curve.png S8long B32long B64long
 }
 probe_b() {  # the training images and their flipped copies (train_gen.py's tokens) -> the 1,000 held out
   for k in 8 16 32 64; do
