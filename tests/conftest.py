@@ -1,19 +1,28 @@
 """Shared test fixtures (pytest loads this file itself): small checkpoints, token folders and FID weights
 that several test files build the same way."""
 
+import contextlib
 import dataclasses
+import hashlib
+import io
 import json
 import os
+import re
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import fid
 import generator as G
+import sample
 import tokenizer as T
+import train_gen
+import train_tok
 
 SHARED = os.environ.get("TITOK_SHARED")
 PARITY = Path(SHARED) / "parity" if SHARED else None
@@ -131,3 +140,83 @@ def random_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("weights") / "random_inception.pth"
     torch.save({k: v.half() for k, v in net.state_dict().items()}, path)
     return path
+
+
+# -- running the command lines in-process, and checking their one-line errors (test_bad_inputs,
+#    test_faults, test_gpu_ready) ------------------------------------------------------------------
+
+
+CLIS = {
+    "tokenizer": T.main,
+    "sample": sample.main,
+    "fid": fid.main,
+    "train_tok": train_tok.main,
+    "train_gen": train_gen.main,
+}
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+
+class Run(NamedTuple):
+    code: int
+    out: str
+    err: str
+
+
+def run(cli: str, *argv) -> Run:
+    """`python <cli>.py argv`, in-process: its exit status, stdout and stderr. sys.exit("message")
+    prints the message and exits with status 1, as in a real process; any other exception escapes
+    (a traceback fails the test)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = CLIS[cli]([str(a) for a in argv]) or 0
+        except SystemExit as e:
+            code = e.code or 0
+            if isinstance(code, str):
+                print(code, file=err)
+                code = 1
+    return Run(code, out.getvalue(), err.getvalue())
+
+
+PROGRESS = re.compile(r"\d+%\|")  # a tqdm progress bar (drawn on stderr, line by line with \r)
+
+
+def one_line_error(r: Run, *words) -> str:
+    """The message of a run that failed as it should: exit status != 0, no traceback, and on stderr
+    one line `error: ...` (or argparse's usage lines, then its one `prog: error: ...`) holding every
+    one of `words` (case-insensitive)."""
+    assert r.code != 0, f"exit status 0; stdout ends: {r.out[-800:]}"
+    assert "Traceback" not in r.err, r.err
+    lines = [s for s in re.split(r"[\r\n]", r.err) if s.strip() and not PROGRESS.search(s)]
+    if lines and lines[0].startswith("usage:"):
+        assert r.code == 2 and re.match(r"[^:]+: error: ", lines[-1]), r.err
+    else:
+        assert len(lines) == 1 and lines[0].startswith("error: "), r.err
+    message = lines[-1]
+    missing = [str(w) for w in words if str(w).lower() not in message.lower()]
+    assert not missing, f"{missing} not in the message: {message}"
+    return message
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file below `folder` -> sha256 of its bytes: compared before and after a run, "no earlier
+    output was changed or lost" (and no file, a temporary one included, was added). A job's .lock
+    file (common.exclusive: who holds the folder) is no output."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
+
+
+def image_folder(folder: Path, n: int = 12) -> Path:
+    """n small random PNGs in two class folders (c0, c1)."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        (folder / f"c{i * 2 // n}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(
+            folder / f"c{i * 2 // n}" / f"{i:02d}.png"
+        )
+    return folder

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import image_folder, one_line_error, run, snapshot
 from PIL import Image
-from test_bad_inputs import image_folder, one_line_error, run, snapshot
 
 import common
 import sample

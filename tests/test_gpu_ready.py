@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_bad_inputs import image_folder, run
+from conftest import image_folder, run
 
 import common
 import tokenizer as T
