@@ -130,7 +130,8 @@ def finished(out: Path, fingerprint: dict, d: common.Dist) -> bool:
     if not out.exists():
         return False
     try:
-        made = str(np.load(out)["fingerprint"])
+        with np.load(out) as saved:
+            made = str(saved["fingerprint"])
     except Exception:  # unreadable, or not made by this script: refused like another run's file
         made = None
     if made != json.dumps(fingerprint, sort_keys=True):

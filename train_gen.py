@@ -147,14 +147,14 @@ def tokenize(
 
     def encode(ks: list[int]):
         """The ids of this process's parts ks, in order; worker processes decode the images."""
-        counts = [-(-len(chunks[k]) // batch_size) for k in ks]  # batches per part
-        batches = [chunks[k][s : s + batch_size] for k in ks for s in range(0, CHUNK, batch_size)]
-        batches = [b for b in batches if len(b)]
+        starts = {k: range(0, len(chunks[k]), batch_size) for k in ks}  # each part's batches
+        batches = [chunks[k][s : s + batch_size] for k in ks for s in starts[k]]
         loader = torch.utils.data.DataLoader(source, batch_sampler=batches, num_workers=workers)
         images = iter(loader)
         try:
-            for k, n in zip(ks, counts):
-                yield np.concatenate([ids_of(next(images)[0], k < num_train) for _ in range(n)], 1)
+            for k in ks:
+                parts = [ids_of(next(images)[0], k < num_train) for _ in starts[k]]
+                yield np.concatenate(parts, axis=1)
         finally:
             del images  # (its worker processes end now, also after an error)
 

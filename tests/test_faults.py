@@ -439,19 +439,8 @@ def test_a_run_folder_or_checkpoint_is_a_model(tok_run, models, tmp_path, helper
         r = run("sample", "--ckpt", name, "--tokenizer", tok_run, "--out", tmp_path / "g.png")
         assert r.code == 0, r.err
 
-    vq = tmp_path / "vq"
+    vq, s1 = tmp_path / "vq", tmp_path / "s1"
     r = run("train_tok", "--recipe", "vqgan", "--out", vq, "--max-steps", 1, *TINY)
     assert r.code == 0, r.err
-    r = run(
-        "train_tok",
-        "--recipe",
-        "stage1",
-        "--vqgan",
-        vq,
-        "--out",
-        tmp_path / "s1",
-        "--max-steps",
-        1,
-        *TINY,
-    )
+    r = run("train_tok", "--recipe", "stage1", "--vqgan", vq, "--out", s1, "--max-steps", 1, *TINY)
     assert r.code == 0 and f"{vq}: reading vqgan.pt" in r.err, r.err
